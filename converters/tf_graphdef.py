@@ -1,0 +1,364 @@
+"""Frozen TensorFlow GraphDef <-> IR.
+
+Const nodes become constant values whose arrays are decoded only when a pass asks for them; an
+unchanged constant is written back from its original NodeDef, so weights that no fold touched are
+never decoded or re-encoded. Every other node keeps its name, op, device, control inputs and
+attributes. Attributes the IR does not map (shapes, tensors, functions) are kept opaque.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fusion_ir.errors import InputError
+from fusion_ir.ir import Graph, Node, Opaque, Value
+from fusion_ir.tfimport import import_tensorflow
+
+
+def tf():
+    # Imported lazily: `import tensorflow` costs seconds, and the IR itself does not need it.
+    return import_tensorflow()
+
+
+def _graph_pb2():
+    tf()
+    from tensorflow.core.framework import graph_pb2
+
+    return graph_pb2
+
+
+# DataType enum <-> numpy dtype for the types whose numpy form is unambiguous.
+_NUMPY_TYPE_NAMES = ["float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64",
+                     "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"]
+_enum_to_numpy: dict[int, np.dtype] = {}
+_numpy_to_enum: dict[np.dtype, int] = {}
+
+
+def _load_type_maps() -> None:
+    if _enum_to_numpy:
+        return
+    for name in _NUMPY_TYPE_NAMES:
+        dtype = tf().dtypes.as_dtype(name)
+        np_dtype = np.dtype(dtype.as_numpy_dtype)
+        _enum_to_numpy[dtype.as_datatype_enum] = np_dtype
+        _numpy_to_enum[np_dtype] = dtype.as_datatype_enum
+
+
+def numpy_dtype(enum: int) -> np.dtype | None:
+    _load_type_maps()
+    return _enum_to_numpy.get(enum)
+
+
+def datatype_enum(dtype: np.dtype) -> int:
+    _load_type_maps()
+    try:
+        return _numpy_to_enum[np.dtype(dtype)]
+    except KeyError:
+        raise ValueError(f"no TensorFlow DataType for numpy dtype {dtype}") from None
+
+
+# -- attributes ------------------------------------------------------------------------------------
+
+
+def _attr_from_proto(attr) -> object:
+    kind = attr.WhichOneof("value")
+    if kind == "s":
+        try:
+            return attr.s.decode("utf-8")
+        except UnicodeDecodeError:
+            return Opaque(attr)
+    if kind == "i":
+        return attr.i
+    if kind == "f":
+        return attr.f
+    if kind == "b":
+        return attr.b
+    if kind == "type":
+        dtype = numpy_dtype(attr.type)
+        return dtype if dtype is not None else Opaque(attr)
+    if kind == "list":
+        lst = attr.list
+        filled = [f for f in ("s", "i", "f", "b", "type") if len(getattr(lst, f))]
+        if len(lst.shape) or len(lst.tensor) or len(lst.func) or len(filled) > 1:
+            return Opaque(attr)
+        if not filled:
+            return []
+        if filled[0] == "s":
+            try:
+                return [s.decode("utf-8") for s in lst.s]
+            except UnicodeDecodeError:
+                return Opaque(attr)
+        if filled[0] == "type":
+            dtypes = [numpy_dtype(t) for t in lst.type]
+            return Opaque(attr) if any(d is None for d in dtypes) else dtypes
+        return list(getattr(lst, filled[0]))
+    return Opaque(attr)
+
+
+def _attr_to_proto(value, out) -> None:
+    if isinstance(value, Opaque):
+        out.CopyFrom(value.payload)
+    elif isinstance(value, bool):
+        out.b = value
+    elif isinstance(value, (int, np.integer)):
+        out.i = int(value)
+    elif isinstance(value, (float, np.floating)):
+        out.f = float(value)
+    elif isinstance(value, str):
+        out.s = value.encode("utf-8")
+    elif isinstance(value, bytes):
+        out.s = value
+    elif isinstance(value, (np.dtype, type)):
+        out.type = datatype_enum(value)
+    elif isinstance(value, (list, tuple)):
+        out.list.SetInParent()
+        for item in value:
+            if isinstance(item, bool):
+                out.list.b.append(item)
+            elif isinstance(item, (int, np.integer)):
+                out.list.i.append(int(item))
+            elif isinstance(item, (float, np.floating)):
+                out.list.f.append(float(item))
+            elif isinstance(item, str):
+                out.list.s.append(item.encode("utf-8"))
+            elif isinstance(item, (np.dtype, type)):
+                out.list.type.append(datatype_enum(item))
+            else:
+                raise TypeError(f"cannot write list item {item!r} as a TensorFlow attribute")
+    else:
+        raise TypeError(f"cannot write {value!r} as a TensorFlow attribute")
+
+
+# -- constants -------------------------------------------------------------------------------------
+
+
+def _tensor_loader(tensor_proto):
+    def load() -> np.ndarray:
+        dtype = numpy_dtype(tensor_proto.dtype)
+        shape = [d.size for d in tensor_proto.tensor_shape.dim]
+        if tensor_proto.tensor_content and dtype is not None:
+            # A read-only view of the serialized bytes: folds never write into an input constant.
+            array = np.frombuffer(tensor_proto.tensor_content, dtype=dtype)
+            return array.reshape(shape)
+        return tf().make_ndarray(tensor_proto)
+
+    return load
+
+
+def _make_tensor_proto(array: np.ndarray):
+    tf()
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+
+    proto = tensor_pb2.TensorProto()
+    proto.dtype = datatype_enum(array.dtype)
+    proto.tensor_shape.CopyFrom(tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in array.shape]))
+    proto.tensor_content = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return proto
+
+
+def _shape_from_attr(attr) -> tuple | None:
+    shape = attr.shape
+    if shape.unknown_rank:
+        return None
+    return tuple(None if d.size < 0 else d.size for d in shape.dim)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def parse_tensor_name(name: str) -> tuple[str, int]:
+    """Split "node:1" into ("node", 1); a bare "node" is output 0."""
+    if ":" in name:
+        node, _, index = name.rpartition(":")
+        if index.isdigit():
+            return node, int(index)
+    return name, 0
+
+
+def graphdef_to_ir(graph_def, inputs: list[str] | None = None, outputs: list[str] | None = None) -> Graph:
+    """Build an IR graph from a GraphDef.
+
+    Graph inputs default to the Placeholders and outputs to the sinks (nodes whose outputs nothing
+    consumes); `inputs` / `outputs` name tensors ("node" or "node:1") to use instead.
+    """
+    tf()
+    from tensorflow.python.framework import op_def_registry
+
+    graph = Graph("tf")
+    graph.meta["versions"] = graph_def.versions if graph_def.HasField("versions") else None
+    graph.meta["library"] = graph_def.library if graph_def.HasField("library") else None
+    graph.meta["order"] = [n.name for n in graph_def.node]
+
+    names = set()
+    for node_def in graph_def.node:
+        if node_def.name in names:
+            raise InputError(f"the graph has two nodes named {node_def.name!r}")
+        names.add(node_def.name)
+
+    pending: list[tuple[Node, list[str]]] = []
+    for node_def in graph_def.node:
+        if node_def.op == "Const" and "value" in node_def.attr:
+            value = Value(f"{node_def.name}:0", numpy_dtype(node_def.attr["value"].tensor.dtype),
+                          tuple(d.size for d in node_def.attr["value"].tensor.tensor_shape.dim),
+                          const_loader=_tensor_loader(node_def.attr["value"].tensor))
+            value.origin = node_def
+            graph.constants[value.name] = value
+            continue
+        attrs = {key: _attr_from_proto(node_def.attr[key]) for key in sorted(node_def.attr.keys())}
+        node = graph.add_node(node_def.op, node_def.name, attrs=attrs, num_outputs=0)
+        if node_def.device:
+            node.extra["device"] = node_def.device
+        if node_def.HasField("experimental_debug_info"):
+            node.extra["experimental_debug_info"] = node_def.experimental_debug_info
+        if node_def.HasField("experimental_type"):
+            node.extra["experimental_type"] = node_def.experimental_type
+        op_def = op_def_registry.get(node_def.op)
+        if op_def is not None and not op_def.output_arg:
+            node.extra["no_outputs"] = True
+        elif op_def is not None and len(op_def.output_arg) == 1 and not (
+                op_def.output_arg[0].number_attr or op_def.output_arg[0].type_list_attr):
+            node.output(0)
+        pending.append((node, list(node_def.input)))
+
+    for node, refs in pending:
+        for ref in refs:
+            if ref.startswith("^"):
+                target = ref[1:]
+                if target not in names:
+                    raise InputError(f"node {node.name!r} has a control input on {target!r}, which does not exist")
+                node.control_inputs.append(target)
+                continue
+            node.inputs.append(None)
+            graph.set_input(node, len(node.inputs) - 1, _lookup(graph, ref, node.name))
+
+    for node in graph.nodes:
+        if node.op in ("Placeholder", "PlaceholderV2"):
+            value = node.output(0)
+            value.dtype = node.attrs.get("dtype") if isinstance(node.attrs.get("dtype"), np.dtype) else None
+            shape_attr = node.attrs.get("shape")
+            if isinstance(shape_attr, Opaque):
+                value.shape = _shape_from_attr(shape_attr.payload)
+
+    if inputs:
+        graph.inputs = [_lookup(graph, name, "--inputs") for name in inputs]
+    else:
+        graph.inputs = [n.output(0) for n in graph.nodes if n.op in ("Placeholder", "PlaceholderV2")]
+    if outputs:
+        graph.outputs = [_lookup(graph, name, "--outputs") for name in outputs]
+    else:
+        graph.outputs = [n.output(0) for n in graph.nodes
+                         if not n.extra.get("no_outputs") and all(v.num_uses == 0 for v in n.outputs)
+                         and n.op not in ("Placeholder", "PlaceholderV2")]
+    graph.meta["keep_constants"] = {k for k, v in graph.constants.items() if v.num_uses == 0}
+    graph.meta["keep_nodes"] = {n.name for n in graph.nodes if all(v.num_uses == 0 for v in n.outputs)}
+    return graph
+
+
+def _lookup(graph: Graph, ref: str, user: str) -> Value:
+    node_name, index = parse_tensor_name(ref)
+    node = graph.node(node_name)
+    if node is not None:
+        return node.output(index)
+    const = graph.constants.get(f"{node_name}:0")
+    if const is not None and index == 0:
+        return const
+    if user in ("--inputs", "--outputs"):
+        raise InputError(f"{user} names tensor {ref!r}, but the graph has no such node or output")
+    raise InputError(f"node {user!r} reads tensor {ref!r}, but the graph has no node {node_name!r} "
+                     f"with that output; the GraphDef is incomplete or corrupt")
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def _ref(value: Value) -> str:
+    name, index = parse_tensor_name(value.name)
+    return name if index == 0 else f"{name}:{index}"
+
+
+def ir_to_graphdef(graph: Graph):
+    """Write an IR graph back to a GraphDef, keeping the original node order where nodes survive."""
+    graph_def = _graph_pb2().GraphDef()
+    if graph.meta.get("versions") is not None:
+        graph_def.versions.CopyFrom(graph.meta["versions"])
+    if graph.meta.get("library") is not None:
+        graph_def.library.CopyFrom(graph.meta["library"])
+
+    node_defs = {}
+    for key, value in graph.constants.items():
+        node_defs[parse_tensor_name(key)[0]] = value
+    for node in graph.nodes:
+        node_defs[node.name] = node
+
+    order = [name for name in graph.meta.get("order", []) if name in node_defs]
+    seen = set(order)
+    order += [name for name in node_defs if name not in seen]
+    for name in order:
+        item = node_defs[name]
+        out = graph_def.node.add()
+        if isinstance(item, Value):
+            _write_const(name, item, out)
+        else:
+            _write_node(item, out)
+    return graph_def
+
+
+def _write_const(name: str, value: Value, out) -> None:
+    if value.origin is not None and not value.const_changed:
+        out.CopyFrom(value.origin)
+        return
+    out.name = name
+    out.op = "Const"
+    if value.origin is not None:
+        out.device = value.origin.device
+        out.input.extend(i for i in value.origin.input if i.startswith("^"))
+    array = value.const
+    out.attr["dtype"].type = datatype_enum(array.dtype)
+    out.attr["value"].tensor.CopyFrom(_make_tensor_proto(array))
+
+
+def _write_node(node: Node, out) -> None:
+    out.name = node.name
+    out.op = node.op
+    for value in node.inputs:
+        out.input.append(_ref(value))
+    out.input.extend(f"^{name}" for name in node.control_inputs)
+    if "device" in node.extra:
+        out.device = node.extra["device"]
+    for key, attr in node.attrs.items():
+        _attr_to_proto(attr, out.attr[key])
+    if "experimental_debug_info" in node.extra:
+        out.experimental_debug_info.CopyFrom(node.extra["experimental_debug_info"])
+    if "experimental_type" in node.extra:
+        out.experimental_type.CopyFrom(node.extra["experimental_type"])
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+def parse_graphdef(data: bytes, path: str, text: bool):
+    """Parse GraphDef bytes (binary, or text format when `text`), raising InputError when invalid."""
+    from google.protobuf import message, text_format
+
+    tf()
+    graph_def = _graph_pb2().GraphDef()
+    try:
+        if text:
+            text_format.Parse(data.decode("utf-8"), graph_def)
+        else:
+            graph_def.ParseFromString(data)
+    except (message.DecodeError, text_format.ParseError, UnicodeDecodeError) as err:
+        kind = "text-format" if text else "binary"
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{path}: not a valid {kind} GraphDef ({detail}); pass a frozen GraphDef "
+                         f"(.pb or .pbtxt)") from None
+    return graph_def
+
+
+def serialize_graphdef(graph_def, text: bool) -> bytes:
+    from google.protobuf import text_format
+
+    if text:
+        return text_format.MessageToString(graph_def).encode("utf-8")
+    return graph_def.SerializeToString()

@@ -1,0 +1,138 @@
+"""The public Python API: load a model, fuse it, verify it, save it. The CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusion_ir.errors import FusionIRError, InputError, VerificationError
+from fusion_ir.files import check_output_path, looks_like_text, read_bytes, write_atomic
+from fusion_ir.report import Report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Model:
+    """A TensorFlow GraphDef with its graph input and output tensor names."""
+
+    graph_def: object
+    inputs: list[str] | None = None
+    outputs: list[str] | None = None
+    source: str = "<memory>"
+
+
+@dataclass
+class FuseResult:
+    """What `fuse` produced: the fused GraphDef, the report, and the verification checks."""
+
+    graph_def: object
+    report: Report
+    checks: list = field(default_factory=list)
+    verified: bool | None = None
+    output: str | None = None
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+
+def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list[str] | None = None) -> Model:
+    """Load a frozen GraphDef (.pb binary or .pbtxt text, recognized by content)."""
+    from converters.tf_graphdef import parse_graphdef
+
+    data = read_bytes(path)
+    text = looks_like_text(data)
+    try:
+        graph_def = parse_graphdef(data, str(path), text)
+    except InputError:
+        if text:
+            raise
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not a TensorFlow GraphDef (the binary parse failed and it is not "
+                             f"text); pass a frozen GraphDef (.pb or .pbtxt)") from None
+        graph_def = parse_graphdef(data, str(path), True)
+    if not graph_def.node:
+        raise InputError(f"{path}: the GraphDef has no nodes; pass a frozen GraphDef (.pb or .pbtxt)")
+    return Model(graph_def, inputs, outputs, str(path))
+
+
+def example(name: str, seed: int = 0) -> Model:
+    """Build a keras.applications example with random weights and BN statistics, frozen."""
+    from fusion_ir.examples import build_example
+
+    graph_def, inputs, outputs = build_example(name, seed)
+    return Model(graph_def, inputs, outputs, f"example {name}")
+
+
+def save(graph_def, path: str | os.PathLike) -> None:
+    """Write a GraphDef atomically: binary for .pb, text for .pbtxt."""
+    from converters.tf_graphdef import serialize_graphdef
+
+    path = check_output_path(path)
+    write_atomic(path, serialize_graphdef(graph_def, text=path.suffix == ".pbtxt"))
+
+
+def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = None, *, mode: str = "ptq",
+         inputs: list[str] | None = None, outputs: list[str] | None = None,
+         input_shapes: dict[str, tuple[int, ...]] | None = None, verify: bool = True, force: bool = False,
+         seed: int = 0) -> FuseResult:
+    """Fuse a model and, unless `verify` is False, check its outputs against the original in TensorFlow.
+
+    `model` is a Model or a path. With `output`, the fused graph is written there atomically. Raises
+    InputError on bad input and VerificationError (with `.result`) when an output differs beyond its
+    tolerance; the file is then written only when `force` is True.
+    """
+    from converters.tf_graphdef import graphdef_to_ir, ir_to_graphdef
+    from passes.manager import MODES, run_pipeline
+
+    if mode not in MODES:
+        raise InputError(f"invalid mode {mode!r}; use one of {', '.join(MODES)}")
+    if output is not None:
+        check_output_path(output)
+    if not isinstance(model, Model):
+        model = load(model)
+    graph = graphdef_to_ir(model.graph_def, inputs or model.inputs, outputs or model.outputs)
+    input_specs = [(v.name, v.dtype, v.shape) for v in graph.inputs]
+    output_names = [v.name for v in graph.outputs]
+    nodes_before = len(model.graph_def.node)
+
+    report = run_pipeline(graph, mode)
+    problems = graph.validate()
+    if problems:
+        raise FusionIRError(f"internal error: the fused graph is inconsistent: {problems[0]}")
+    fused = ir_to_graphdef(graph)
+    result = FuseResult(fused, report, nodes_before=nodes_before, nodes_after=len(fused.node))
+
+    if verify:
+        _verify(model.graph_def, result, input_specs, output_names, input_shapes or {}, seed)
+    if output is not None and (result.verified is not False or force):
+        save(fused, output)
+        result.output = str(output)
+    if result.verified is False:
+        err = VerificationError("verification failed: " + "; ".join(
+            f"{c.output} relative max error {c.rel_max_error:.3g} exceeds {c.tolerance:.3g}"
+            for c in result.checks if not c.ok) + ("" if force else "; nothing written (use --force to write anyway)"))
+        err.result = result
+        raise err
+    return result
+
+
+def _verify(original, result: FuseResult, input_specs, output_names, input_shapes, seed) -> None:
+    from fusion_ir.verify import BackendUnavailable, checks_to_dicts, verify_graphdefs
+
+    if result.report.num_fused == 0:
+        result.verified = True
+        return
+    try:
+        checks = verify_graphdefs(original, result.graph_def, input_specs, output_names, input_shapes, seed)
+    except BackendUnavailable as err:
+        warning = f"verification skipped: {err}"
+        log.warning(warning)
+        result.report.warnings.append(warning)
+        return
+    result.checks = checks
+    result.verified = all(c.ok for c in checks)
+    result.report.verification = checks_to_dicts(checks)

@@ -1,0 +1,125 @@
+"""The fusion-ir command line: argument parsing, exit codes and terminal output over fusion_ir.api."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from fusion_ir import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fusion-ir",
+        description="Fold inference-time BatchNorm, Mul, Add and BiasAdd into conv and matmul weights.")
+    parser.add_argument("--version", action="version", version=f"fusion-ir {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fuse = sub.add_parser("fuse", help="fuse a model and write the result",
+                          description="Fuse a frozen TensorFlow GraphDef and write the result; outputs are "
+                                      "checked against the original in TensorFlow unless --no-verify.")
+    source = fuse.add_mutually_exclusive_group(required=True)
+    source.add_argument("input", nargs="?", help="frozen GraphDef, binary (.pb) or text (.pbtxt)")
+    source.add_argument("--example", metavar="NAME",
+                        help="build keras.applications NAME (resnet50, mobilenetv2, ...) with random weights "
+                             "and BN statistics instead of reading INPUT")
+    fuse.add_argument("-o", "--output", required=True, help="output file: .pb (binary) or .pbtxt (text)")
+    fuse.add_argument("--report", metavar="FILE", help="write the JSON report (every candidate, fused or "
+                                                       "skipped with the reason) to FILE")
+    fuse.add_argument("--mode", choices=("ptq", "qat"), default="ptq",
+                      help="ptq folds everything; qat leaves BatchNorm written as small ops (default: ptq)")
+    fuse.add_argument("--inputs", nargs="+", metavar="TENSOR", help="graph input tensors (default: Placeholders)")
+    fuse.add_argument("--outputs", nargs="+", metavar="TENSOR",
+                      help="graph output tensors (default: nodes whose outputs nothing consumes)")
+    fuse.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                      help="shape of an input for verification, e.g. input:1,224,224,3; unknown dimensions "
+                           "default to 1 (repeatable)")
+    fuse.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default: 0)")
+    fuse.add_argument("--no-verify", action="store_true", help="skip the TensorFlow comparison")
+    fuse.add_argument("--force", action="store_true", help="write the output even when verification fails "
+                                                           "(the exit code is still 1)")
+    fuse.add_argument("--debug", action="store_true", help="log every rewrite and show tracebacks")
+    return parser
+
+
+def _print_result(result, out) -> None:
+    print(result.report.summary_table(), file=out)
+    if result.checks:
+        from fusion_ir.verify import format_checks
+
+        print(format_checks(result.checks), file=out)
+
+
+def _run_fuse(args) -> int:
+    import fusion_ir
+    from fusion_ir.verify import parse_input_shapes
+
+    shapes = parse_input_shapes(args.input_shape)
+    model = fusion_ir.example(args.example, args.seed) if args.example else args.input
+    status = EXIT_OK
+    try:
+        result = fusion_ir.fuse(model, args.output, mode=args.mode, inputs=args.inputs, outputs=args.outputs,
+                                input_shapes=shapes, verify=not args.no_verify, force=args.force, seed=args.seed)
+    except fusion_ir.VerificationError as err:
+        result = err.result
+        _print_result(result, sys.stdout)
+        print(f"error: {err}", file=sys.stderr)
+        status = EXIT_VERIFY_FAILED
+    else:
+        _print_result(result, sys.stdout)
+    for warning in result.report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.report:
+        from fusion_ir.files import write_atomic
+
+        write_atomic(args.report, result.report.to_json().encode("utf-8"))
+    if result.output:
+        print(f"wrote {result.output}: {result.report.num_fused} folded, "
+              f"{result.nodes_before} -> {result.nodes_after} nodes")
+    return status
+
+
+def _configure_logging(debug: bool) -> None:
+    # Only this project's loggers: a handler on the root logger makes TensorFlow 2.21 print its C++
+    # start-up messages even when TF_CPP_MIN_LOG_LEVEL hides them.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("fusion_ir", "converters", "passes"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = _build_parser().parse_args(argv)
+    _configure_logging(args.debug)
+    from fusion_ir.errors import FusionIRError
+
+    try:
+        if args.command == "fuse":
+            return _run_fuse(args)
+    except FusionIRError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence against a traceback
+        if args.debug:
+            raise
+        print(f"error: internal error: {type(err).__name__}: {err}; rerun with --debug and report it",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Reading model files by content and writing outputs atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from fusion_ir.errors import InputError
+
+OUTPUT_SUFFIXES = (".pb", ".pbtxt")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; loading SavedModel folders is not supported yet, "
+                         f"pass a frozen GraphDef (.pb or .pbtxt)")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    if not data:
+        raise InputError(f"{path}: file is empty")
+    return data
+
+
+def looks_like_text(data: bytes) -> bool:
+    """Return whether `data` reads as protobuf text format rather than binary wire format."""
+    head = data[:4096]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    stripped = text.lstrip()
+    return stripped.startswith(("node", "versions", "library", "#")) or stripped == ""
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Raise InputError unless `path` has a suffix fusion-ir writes and its folder exists."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        if path.suffix == ".onnx" or path.suffix == "":
+            raise InputError(f"{path}: writing {'ONNX' if path.suffix else 'a SavedModel folder'} is not "
+                             f"supported yet; use an output ending in .pb or .pbtxt")
+        raise InputError(f"{path}: unsupported output suffix {path.suffix!r}; use .pb (binary GraphDef) or "
+                         f".pbtxt (text GraphDef)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: output folder {parent} does not exist; create it first")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; choose a file name for the output")
+    return path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path` and rename it over `path`.
+
+    A failure leaves any existing file at `path` (including the input, when OUTPUT equals INPUT)
+    as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

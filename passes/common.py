@@ -1,0 +1,199 @@
+"""What every fusion pass shares: the pass context, the checks common to every fold, and the rewrite
+that folds a per-channel scale and shift into an op's weight and replaces the folded node by a BiasAdd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusion_ir.ir import Graph, Node, Value
+from fusion_ir.report import Report
+from passes.folding import FLOAT_DTYPES, FoldError, fold_bias, scale_weight
+from passes.resolve import ConstResolver, NotConstant
+from passes.table import CHANNELS_LAST, OpSemantics, semantics
+
+
+@dataclass
+class PassContext:
+    graph: Graph
+    report: Report
+    mode: str = "ptq"
+    resolver: ConstResolver = field(default_factory=ConstResolver)
+
+
+class Skip(Exception):
+    """A candidate that must not fold; the message is the reason for the report."""
+
+
+def consumers(value: Value) -> str:
+    return ", ".join(sorted({node.name for node, _ in value.uses()}))
+
+
+def require_single_use(graph: Graph, value: Value, node_name: str) -> None:
+    """Raise Skip unless `value` feeds exactly one input and is not a graph output."""
+    if graph.is_output(value):
+        raise Skip(f"{node_name} output {value.name} is a graph output, so its unfused value must stay")
+    if value.num_uses != 1:
+        raise Skip(f"{node_name} output has {value.num_uses} consumers ({consumers(value)}); "
+                   f"folding would change what the others read")
+
+
+def resolve(ctx: PassContext, value: Value, what: str) -> np.ndarray:
+    try:
+        return ctx.resolver.resolve(value)
+    except NotConstant as err:
+        raise Skip(f"{what} is not constant: {err}") from None
+
+
+def per_channel_vector(array: np.ndarray, rank: int, channel_axis: int, channels: int, what: str) -> np.ndarray:
+    """Return `array` as a [channels] vector if, broadcast against an output of `rank` dims, it varies
+    only along `channel_axis` and leaves the output's shape as it is; raise Skip otherwise."""
+    if array.ndim > rank:
+        raise Skip(f"{what} has shape {list(array.shape)}, more dimensions than the {rank}-D output")
+    padded = (1,) * (rank - array.ndim) + tuple(array.shape)
+    for axis, dim in enumerate(padded):
+        if axis == channel_axis:
+            if dim not in (1, channels):
+                raise Skip(f"{what} has shape {list(array.shape)}: {dim} values along the channel axis, "
+                           f"but the output has {channels} channels")
+        elif dim != 1:
+            raise Skip(f"{what} has shape {list(array.shape)}, which varies along output axis {axis}, "
+                       f"not only along the channel axis {channel_axis}")
+    vector = array.reshape(padded).reshape(-1)
+    return np.broadcast_to(vector, (channels,)) if vector.size == 1 else vector
+
+
+def require_finite(name: str, array: np.ndarray, owner: str) -> None:
+    if not np.isfinite(np.asarray(array, dtype=np.float64)).all():
+        raise Skip(f"{owner} {name} contains NaN or infinite values")
+
+
+@dataclass
+class Producer:
+    """The op a fold writes into, with the optional bias op between it and the folded node."""
+
+    op: Node
+    semantics: OpSemantics
+    bias_node: Node | None = None
+    bias: np.ndarray | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [self.op.name] + ([self.bias_node.name] if self.bias_node else [])
+
+    @property
+    def pattern_prefix(self) -> str:
+        return f"{self.op.op}+BiasAdd" if self.bias_node else self.op.op
+
+    @property
+    def channel_axis(self) -> int:
+        return self.semantics.output_channel_axis(self.op)
+
+    def channels(self, weight: np.ndarray) -> int:
+        return int(np.prod([weight.shape[a] for a in self.semantics.channel_axes(self.op)]))
+
+
+_BIAS_OPS = ("BiasAdd", "Add", "AddV2")
+
+
+def find_producer(ctx: PassContext, value: Value, user: str) -> Producer:
+    """Walk from the folded node's data input back to a table op, through one optional bias op.
+
+    Raises Skip naming the producer when it is not an op fusion-ir folds into.
+    """
+    node = value.producer
+    if node is None:
+        raise Skip(f"{user} input {value.name} is a graph input, not the output of a conv or matmul")
+    bias_node = None
+    if node.op in _BIAS_OPS and semantics(node) is None:
+        data = _bias_data_input(ctx, node)
+        if data is not None and data.producer is not None and semantics(data.producer) is not None:
+            bias_node, node = node, data.producer
+    sem = semantics(node)
+    if sem is None:
+        raise Skip(f"{user} input comes from {node.op} node {node.name}, not an op fusion-ir folds into")
+    return Producer(node, sem, bias_node)
+
+
+def _bias_data_input(ctx: PassContext, node: Node) -> Value | None:
+    if node.op == "BiasAdd":
+        return node.inputs[0]
+    a, b = node.inputs[:2]
+    a_const = ctx.resolver.try_resolve(a) is not None
+    b_const = ctx.resolver.try_resolve(b) is not None
+    if a_const == b_const:
+        return None
+    return b if a_const else a
+
+
+def check_producer(ctx: PassContext, prod: Producer) -> np.ndarray:
+    """Apply the checks common to every fold; return the resolved weight, and set prod.bias."""
+    graph = ctx.graph
+    op = prod.op
+    if prod.bias_node is not None:
+        require_single_use(graph, op.outputs[0], op.name)
+        require_single_use(graph, prod.bias_node.outputs[0], prod.bias_node.name)
+    else:
+        require_single_use(graph, op.outputs[0], op.name)
+    weight = resolve(ctx, op.inputs[prod.semantics.weight_input], f"the weight of {op.name}")
+    if weight.dtype.name not in FLOAT_DTYPES:
+        raise Skip(f"the weight of {op.name} is {weight.dtype}, not a floating-point type")
+    channels = prod.channels(weight)
+    if prod.bias_node is not None:
+        prod.bias = _bias_vector(ctx, prod, channels)
+        require_finite("bias", prod.bias, prod.bias_node.name)
+    return weight
+
+
+def _bias_vector(ctx: PassContext, prod: Producer, channels: int) -> np.ndarray:
+    node = prod.bias_node
+    if node.op == "BiasAdd":
+        bias = resolve(ctx, node.inputs[1], f"the bias of {node.name}")
+        fmt = node.attrs.get("data_format", "NHWC")
+        bias_last = CHANNELS_LAST.get(fmt, True)
+        if bias_last != (prod.channel_axis == prod.semantics.output_rank - 1):
+            raise Skip(f"{node.name} adds its bias along a different axis than {prod.op.name}'s channels")
+        if bias.shape != (channels,):
+            raise Skip(f"the bias of {node.name} has shape {list(bias.shape)}, expected [{channels}]")
+        return bias
+    data = _bias_data_input(ctx, node)
+    const_input = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
+    array = ctx.resolver.resolve(const_input)
+    return per_channel_vector(array, prod.semantics.output_rank, prod.channel_axis, channels,
+                              f"the constant added by {node.name}")
+
+
+def fold_into_producer(ctx: PassContext, prod: Producer, weight: np.ndarray, anchor: Node,
+                       scale: np.ndarray, shift: np.ndarray) -> None:
+    """Fold y * scale + shift into the producer's weight and bias; `anchor` (the BN, Mul or Add) is
+    replaced by one BiasAdd that takes its name. Raises Skip before touching the graph when the folded
+    values would not be finite in the weight's dtype."""
+    graph = ctx.graph
+    op = prod.op
+    try:
+        new_weight = scale_weight(weight, scale, prod.semantics.channel_axes(op))
+        new_bias = fold_bias(prod.bias, scale, shift, weight.dtype)
+    except FoldError as err:
+        raise Skip(f"folding into {op.name}: {err}") from None
+
+    weight_value = graph.add_constant(graph.unique_name(f"{op.name}/folded_weight"), new_weight)
+    graph.set_input(op, prod.semantics.weight_input, weight_value)
+    bias_value = graph.add_constant(graph.unique_name(f"{anchor.name}/folded_bias"), new_bias)
+
+    channels_last = prod.channel_axis == prod.semantics.output_rank - 1
+    attrs = {"T": weight.dtype, "data_format": "NHWC" if channels_last else "NCHW"}
+    position = graph.nodes.index(anchor)
+    bias_add = graph.add_node("BiasAdd", graph.unique_name(f"{anchor.name}/folded"), [op.outputs[0], bias_value],
+                              attrs, index=position)
+    bias_add.control_inputs = list(anchor.control_inputs)
+    if "device" in anchor.extra:
+        bias_add.extra["device"] = anchor.extra["device"]
+
+    name = anchor.name
+    graph.replace_all_uses(anchor.outputs[0], bias_add.outputs[0])
+    graph.remove_node(anchor)
+    if prod.bias_node is not None:
+        graph.remove_node(prod.bias_node)
+    graph.rename_node(bias_add, name)

@@ -1,0 +1,108 @@
+"""Lazy constant resolution: compute a value in numpy only when a fold asks for it.
+
+TF2-frozen graphs read every weight through Identity (the former ReadVariableOp), and Keras 3 adds
+Reshape and Squeeze chains between a variable and its use. `ConstResolver.resolve` walks back through
+such shape-only ops, casts and elementwise arithmetic whose inputs all resolve, and computes the result
+without writing anything into the graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fusion_ir.ir import Value
+
+# Ops that forward input 0 unchanged.
+_FORWARD = {"Identity", "Snapshot", "StopGradient", "PreventGradient", "CheckNumerics", "EnsureShape"}
+
+_BINARY = {
+    "Add": np.add, "AddV2": np.add, "Sub": np.subtract, "Mul": np.multiply, "RealDiv": np.divide,
+    "Div": np.divide, "Maximum": np.maximum, "Minimum": np.minimum, "Pow": np.power,
+}
+_UNARY = {
+    "Neg": np.negative, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Inv": np.reciprocal,
+    "Square": np.square, "Abs": np.abs, "Exp": np.exp, "Log": np.log,
+}
+
+# Elementwise results larger than this many elements are not computed: resolution is for weights and
+# per-channel parameters, and a broadcast that large points at an activation, not a constant.
+MAX_ELEMENTS = 1 << 28
+
+
+class NotConstant(Exception):
+    """The value does not resolve to a constant; the message names the value and the reason."""
+
+
+class ConstResolver:
+    """Resolve values to numpy arrays, caching each result for the life of one pass run."""
+
+    def __init__(self):
+        self._cache: dict[int, np.ndarray] = {}
+
+    def resolve(self, value: Value) -> np.ndarray:
+        """Return the value's array, or raise NotConstant naming the op that is not constant."""
+        cached = self._cache.get(id(value))
+        if cached is not None:
+            return cached
+        array = self._compute(value)
+        self._cache[id(value)] = array
+        return array
+
+    def try_resolve(self, value: Value) -> np.ndarray | None:
+        try:
+            return self.resolve(value)
+        except NotConstant:
+            return None
+
+    def _compute(self, value: Value) -> np.ndarray:
+        if value.is_const:
+            return value.const
+        node = value.producer
+        if node is None:
+            raise NotConstant(f"{value.name} is a graph input, not a constant")
+        op = node.op
+        if node.dialect == "tf":
+            if op in _FORWARD or (op == "IdentityN"):
+                source = node.inputs[value.index if op == "IdentityN" else 0]
+                return self.resolve(source)
+            if op == "Reshape":
+                return self._reshape(self.resolve(node.inputs[0]), self.resolve(node.inputs[1]))
+            if op == "Squeeze":
+                axes = node.attrs.get("squeeze_dims", [])
+                return np.squeeze(self.resolve(node.inputs[0]), axis=tuple(axes) if axes else None)
+            if op == "ExpandDims":
+                return np.expand_dims(self.resolve(node.inputs[0]), int(self.resolve(node.inputs[1])))
+            if op == "Cast":
+                dst = node.attrs.get("DstT")
+                if not isinstance(dst, np.dtype):
+                    raise NotConstant(f"{node.name} casts to a type numpy cannot represent")
+                return self.resolve(node.inputs[0]).astype(dst)
+            if op == "Transpose":
+                perm = self.resolve(node.inputs[1])
+                return np.transpose(self.resolve(node.inputs[0]), tuple(int(p) for p in perm))
+            if op == "Rsqrt":
+                return self._elementwise(np.reciprocal, np.sqrt(self.resolve(node.inputs[0])))
+            if op in _UNARY:
+                return self._elementwise(_UNARY[op], self.resolve(node.inputs[0]))
+            if op in _BINARY:
+                a, b = (self.resolve(v) for v in node.inputs[:2])
+                return self._binary(_BINARY[op], a, b, node.name)
+        raise NotConstant(f"{value.name} comes from {op} node {node.name}, which is not constant")
+
+    @staticmethod
+    def _reshape(array: np.ndarray, shape: np.ndarray) -> np.ndarray:
+        return array.reshape(tuple(int(d) for d in np.asarray(shape).reshape(-1)))
+
+    @staticmethod
+    def _elementwise(fn, array: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return np.asarray(fn(array), dtype=array.dtype)
+
+    @staticmethod
+    def _binary(fn, a: np.ndarray, b: np.ndarray, name: str) -> np.ndarray:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        if int(np.prod(shape)) > MAX_ELEMENTS:
+            raise NotConstant(f"{name} would broadcast to {shape}, too large to treat as a constant")
+        with np.errstate(all="ignore"):
+            result = fn(a, b)
+        return np.asarray(result, dtype=np.result_type(a.dtype, b.dtype))
