@@ -49,7 +49,8 @@ def scale_weight(weight: np.ndarray, scale: np.ndarray, channel_axes: tuple[int,
     if weight.dtype == compute:
         result = np.multiply(weight, factor, out=np.empty(weight.shape, dtype=weight.dtype))
     else:
-        result = np.multiply(weight.astype(compute), factor).astype(weight.dtype)
+        with np.errstate(over="ignore"):
+            result = np.multiply(weight.astype(compute), factor).astype(weight.dtype)
     if weight.dtype.itemsize <= 2 and not np.isfinite(result.astype(np.float32)).all():
         raise FoldError(f"the folded weight overflows {weight.dtype}")
     return result
@@ -58,7 +59,8 @@ def scale_weight(weight: np.ndarray, scale: np.ndarray, channel_axes: tuple[int,
 def fold_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Return bias * scale + shift (bias 0 when absent), computed in float64 and stored as `dtype`."""
     folded = shift.copy() if bias is None else np.asarray(bias, dtype=np.float64) * scale + shift
-    result = folded.astype(dtype)
+    with np.errstate(over="ignore"):
+        result = folded.astype(dtype)
     if not np.isfinite(result.astype(np.float32)).all():
         raise FoldError(f"the folded bias overflows {np.dtype(dtype)}")
     return result
