@@ -1,0 +1,41 @@
+"""Whole tf_keras.applications models (FusedBatchNormV3 form), random weights and BN statistics."""
+
+import pytest
+
+from conftest import op_counts, tf
+
+import fusion_ir
+from fusion_ir.examples import freeze_keras_model, randomize_batchnorm
+
+BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+
+
+def frozen_application(name: str, size: int) -> fusion_ir.Model:
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(0)
+    model = getattr(tf_keras.applications, name)(weights=None, input_shape=(size, size, 3))
+    assert randomize_batchnorm(model, seed=0) > 0
+    graph_def, inputs, outputs = freeze_keras_model(model, (None, size, size, 3))
+    return fusion_ir.Model(graph_def, inputs, outputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ResNet50", "MobileNetV2"])
+def test_application_every_bn_folds(name):
+    model = frozen_application(name, 96)
+    before = op_counts(model.graph_def)
+    num_bn = sum(before[op] for op in BN_OPS)
+    convs_before = before["Conv2D"] + before["DepthwiseConv2dNative"]
+
+    result = fusion_ir.fuse(model, input_shapes={model.inputs[0]: (2, 96, 96, 3)})
+
+    after = op_counts(result.graph_def)
+    assert num_bn > 0
+    assert sum(after[op] for op in BN_OPS) == 0
+    assert result.report.num_fused == num_bn
+    assert result.report.num_skipped == 0
+    assert after["Conv2D"] + after["DepthwiseConv2dNative"] == convs_before
+    assert result.verified is True
+    for check in result.checks:
+        assert check.rel_max_error <= 1e-5, check
