@@ -213,12 +213,16 @@ class Graph:
         """Rename `node`; in TF its output values follow, because a tensor name is "node:index"."""
         if name in self._by_name:
             raise IRError(f"a node named {name!r} already exists")
-        del self._by_name[node.name]
+        old = node.name
+        del self._by_name[old]
         node.name = name
         self._by_name[name] = node
         if self.dialect == "tf":
             for i, value in enumerate(node.outputs):
                 value.name = f"{name}:{i}"
+            for other in self.nodes:
+                if old in other.control_inputs:
+                    other.control_inputs = [name if dep == old else dep for dep in other.control_inputs]
 
     # -- queries ----------------------------------------------------------------------------------
 

@@ -165,35 +165,69 @@ def _bias_vector(ctx: PassContext, prod: Producer, channels: int) -> np.ndarray:
                               f"the constant added by {node.name}")
 
 
-def fold_into_producer(ctx: PassContext, prod: Producer, weight: np.ndarray, anchor: Node,
-                       scale: np.ndarray, shift: np.ndarray) -> None:
-    """Fold y * scale + shift into the producer's weight and bias; `anchor` (the BN, Mul or Add) is
-    replaced by one BiasAdd that takes its name. Raises Skip before touching the graph when the folded
-    values would not be finite in the weight's dtype."""
-    graph = ctx.graph
-    op = prod.op
+def compute_fold(prod: Producer, weight: np.ndarray, scale: np.ndarray,
+                 shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the folded (weight, bias) arrays, or raise Skip when they would not be finite."""
     try:
-        new_weight = scale_weight(weight, scale, prod.semantics.channel_axes(op))
+        new_weight = scale_weight(weight, scale, prod.semantics.channel_axes(prod.op))
         new_bias = fold_bias(prod.bias, scale, shift, weight.dtype)
     except FoldError as err:
-        raise Skip(f"folding into {op.name}: {err}") from None
+        raise Skip(f"folding into {prod.op.name}: {err}") from None
+    return new_weight, new_bias
 
-    weight_value = graph.add_constant(graph.unique_name(f"{op.name}/folded_weight"), new_weight)
-    graph.set_input(op, prod.semantics.weight_input, weight_value)
-    bias_value = graph.add_constant(graph.unique_name(f"{anchor.name}/folded_bias"), new_bias)
 
+def set_weight(ctx: PassContext, prod: Producer, new_weight: np.ndarray) -> None:
+    """Point the producer's weight input at a new constant; the old one is never modified."""
+    graph = ctx.graph
+    value = graph.add_constant(graph.unique_name(f"{prod.op.name}/folded_weight"), new_weight)
+    graph.set_input(prod.op, prod.semantics.weight_input, value)
+
+
+def bias_add_attrs(prod: Producer, dtype: np.dtype) -> dict:
     channels_last = prod.channel_axis == prod.semantics.output_rank - 1
-    attrs = {"T": weight.dtype, "data_format": "NHWC" if channels_last else "NCHW"}
-    position = graph.nodes.index(anchor)
-    bias_add = graph.add_node("BiasAdd", graph.unique_name(f"{anchor.name}/folded"), [op.outputs[0], bias_value],
-                              attrs, index=position)
-    bias_add.control_inputs = list(anchor.control_inputs)
-    if "device" in anchor.extra:
-        bias_add.extra["device"] = anchor.extra["device"]
+    return {"T": np.dtype(dtype), "data_format": "NHWC" if channels_last else "NCHW"}
 
-    name = anchor.name
-    graph.replace_all_uses(anchor.outputs[0], bias_add.outputs[0])
-    graph.remove_node(anchor)
-    if prod.bias_node is not None:
-        graph.remove_node(prod.bias_node)
-    graph.rename_node(bias_add, name)
+
+def insert_bias_add(ctx: PassContext, prod: Producer, new_bias: np.ndarray, name: str, position: int):
+    """Add BiasAdd(producer op output, new_bias) named `name` (made unique) at `position`."""
+    graph = ctx.graph
+    bias_value = graph.add_constant(graph.unique_name(f"{name}/folded_bias"), new_bias)
+    return graph.add_node("BiasAdd", graph.unique_name(f"{name}/folded"), [prod.op.outputs[0], bias_value],
+                          bias_add_attrs(prod, new_bias.dtype), index=position)
+
+
+def replace_node(ctx: PassContext, old: Node, new_output: Value, removed_after: list[Node] = ()) -> None:
+    """Rewire every use of `old`'s output to `new_output`, remove `old` and then `removed_after` in
+    order, and give the producer of `new_output` the old node's name, control inputs and device."""
+    graph = ctx.graph
+    replacement = new_output.producer
+    name = old.name
+    graph.replace_all_uses(old.outputs[0], new_output)
+    for dep in old.control_inputs:
+        if dep not in replacement.control_inputs:
+            replacement.control_inputs.append(dep)
+    if "device" in old.extra and "device" not in replacement.extra:
+        replacement.extra["device"] = old.extra["device"]
+    graph.remove_node(old)
+    for node in removed_after:
+        graph.remove_node(node)
+    graph.rename_node(replacement, name)
+
+
+def fold_into_producer(ctx: PassContext, prod: Producer, weight: np.ndarray, anchor: Node,
+                       scale: np.ndarray, shift: np.ndarray, interior: list[Node] = ()) -> None:
+    """Fold y * scale + shift into the producer's weight and bias.
+
+    `anchor` (the BN, Mul or Add) is replaced by one BiasAdd that takes its name; `interior` lists the
+    nodes between the producer and the anchor (each with the next as its only consumer), removed with
+    it. When there is no bias to keep (no bias op and a zero shift), the producer op itself takes the
+    anchor's name instead. Raises Skip before touching the graph when the folded values are not finite.
+    """
+    new_weight, new_bias = compute_fold(prod, weight, scale, shift)
+    set_weight(ctx, prod, new_weight)
+    leftovers = list(reversed(interior)) + ([prod.bias_node] if prod.bias_node else [])
+    if prod.bias_node is None and not np.any(shift):
+        replace_node(ctx, anchor, prod.op.outputs[0], leftovers)
+        return
+    bias_add = insert_bias_add(ctx, prod, new_bias, anchor.name, ctx.graph.nodes.index(anchor))
+    replace_node(ctx, anchor, bias_add.outputs[0], leftovers)

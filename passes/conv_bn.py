@@ -25,13 +25,16 @@ def run(ctx: PassContext) -> bool:
     for bn in list(ctx.graph.nodes):
         if bn.op not in BN_OPS or bn.graph is None:
             continue
+        source = bn.inputs[0].producer
+        if source is not None and source.op in ("ConcatV2", "Concat"):
+            continue  # a group convolution: passes/group_conv.py reports it
         pattern = "BatchNorm"
         nodes = [bn.name]
         try:
             prod = find_producer(ctx, bn.inputs[0], bn.name)
             pattern = f"{prod.pattern_prefix}+BatchNorm"
             nodes = prod.names + [bn.name]
-            scale, shift = _check_bn(ctx, bn, prod.semantics.output_rank, prod.channel_axis)
+            scale, shift = check_bn(ctx, bn, prod.semantics.output_rank, prod.channel_axis)
             weight = check_producer(ctx, prod)
             if scale.size != prod.channels(weight):
                 raise Skip(f"{bn.name} has {scale.size} channels but {prod.op.name} has {prod.channels(weight)}")
@@ -46,7 +49,7 @@ def run(ctx: PassContext) -> bool:
     return changed
 
 
-def _check_bn(ctx: PassContext, bn, rank: int, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
+def check_bn(ctx: PassContext, bn, rank: int, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Check that `bn` is an inference-mode BN over the producer's channels; return (scale, shift)."""
     if bn.attrs.get("is_training", True):
         raise Skip(f"{bn.name} is in training mode (is_training=True), so it normalizes with batch statistics")

@@ -6,15 +6,17 @@ import logging
 
 from fusion_ir.ir import Graph, Node
 from fusion_ir.report import Report
-from passes import conv_bn
+from passes import affine, conv_bn, group_conv, small_bn
 from passes.common import PassContext
 
 log = logging.getLogger(__name__)
 
 MODES = ("ptq", "qat")
+# Both modes run the same passes; in qat mode small_bn and affine skip what quantization-aware
+# training keeps (BatchNorm as small ops, per-channel Mul/Add) and say so in the report.
 PIPELINES = {
-    "ptq": [conv_bn.run],
-    "qat": [conv_bn.run],
+    "ptq": [small_bn.run, group_conv.run, conv_bn.run, affine.run],
+    "qat": [small_bn.run, group_conv.run, conv_bn.run, affine.run],
 }
 MAX_ROUNDS = 50
 
