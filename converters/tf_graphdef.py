@@ -362,3 +362,36 @@ def serialize_graphdef(graph_def, text: bool) -> bytes:
     if text:
         return text_format.MessageToString(graph_def).encode("utf-8")
     return graph_def.SerializeToString()
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+
+def evaluate_node(node: Node, arrays: list[np.ndarray], output_index: int) -> np.ndarray:
+    """Run one TF node on constant inputs in TensorFlow and return output `output_index`.
+
+    The node runs alone in a fresh graph, its inputs fed as Const nodes; control inputs are dropped.
+    Raises ValueError when TensorFlow rejects or fails the node.
+    """
+    tf_module = tf()
+    graph_def = _graph_pb2().GraphDef()
+    for i, array in enumerate(arrays):
+        const = graph_def.node.add()
+        const.name = f"input_{i}"
+        const.op = "Const"
+        const.attr["dtype"].type = datatype_enum(array.dtype)
+        const.attr["value"].tensor.CopyFrom(_make_tensor_proto(np.asarray(array)))
+    out = graph_def.node.add()
+    _write_node(node, out)
+    out.name = "node"
+    del out.input[:]
+    out.input.extend(f"input_{i}" for i in range(len(arrays)))
+    out.ClearField("device")
+    graph = tf_module.Graph()
+    try:
+        with graph.as_default():
+            tf_module.compat.v1.import_graph_def(graph_def, name="")
+        with tf_module.compat.v1.Session(graph=graph) as session:
+            return np.asarray(session.run(f"node:{output_index}"))
+    except (ValueError, TypeError, tf_module.errors.OpError) as err:
+        raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None

@@ -7,17 +7,23 @@ import numpy as np
 
 from fusion_ir.errors import InputError
 
-# name -> (tf_keras.applications constructor, input height and width)
+# name -> (keras.applications constructor, input height and width)
 EXAMPLES = {
     "resnet50": ("ResNet50", 224),
     "resnet50v2": ("ResNet50V2", 224),
+    "resnet152v2": ("ResNet152V2", 224),
     "mobilenet": ("MobileNet", 224),
     "mobilenetv2": ("MobileNetV2", 224),
+    "mobilenetv3small": ("MobileNetV3Small", 224),
     "densenet121": ("DenseNet121", 224),
     "efficientnetb0": ("EfficientNetB0", 224),
     "inceptionv3": ("InceptionV3", 299),
     "xception": ("Xception", 299),
+    "nasnetmobile": ("NASNetMobile", 224),
 }
+# A name ending in this suffix builds the model with tf_keras, whose BatchNormalization writes
+# FusedBatchNormV3 instead of Keras 3's small ops.
+TF_KERAS_SUFFIX = "-tfkeras"
 
 
 def randomize_batchnorm(model, seed: int) -> int:
@@ -70,17 +76,26 @@ def freeze_keras_model(model, input_shape: tuple, input_name: str = "input"):
 
 
 def build_example(name: str, seed: int = 0):
-    """Build example `name` with tf_keras; return (graph_def, inputs, outputs)."""
-    key = name.lower().replace("_", "").replace("-", "")
+    """Build example `name` with Keras 3 (or tf_keras, for a NAME-tfkeras); return (graph_def, inputs, outputs)."""
+    key = name.lower().replace("_", "")
+    use_tf_keras = key.endswith(TF_KERAS_SUFFIX)
+    key = key.removesuffix(TF_KERAS_SUFFIX).replace("-", "")
     if key not in EXAMPLES:
-        raise InputError(f"unknown example {name!r}; choose one of {', '.join(sorted(EXAMPLES))}")
+        raise InputError(f"unknown example {name!r}; choose one of {', '.join(sorted(EXAMPLES))}, optionally "
+                         f"with the suffix {TF_KERAS_SUFFIX} for the tf_keras (FusedBatchNormV3) form")
     from fusion_ir.tfimport import import_tensorflow
 
     import_tensorflow()
-    import tf_keras
+    if use_tf_keras:
+        try:
+            import tf_keras as keras
+        except ImportError:
+            raise InputError(f"example {name!r} needs tf_keras; install it with pip install tf_keras") from None
+    else:
+        import keras
 
     constructor, size = EXAMPLES[key]
-    tf_keras.utils.set_random_seed(seed)
-    model = getattr(tf_keras.applications, constructor)(weights=None, input_shape=(size, size, 3))
+    keras.utils.set_random_seed(seed)
+    model = getattr(keras.applications, constructor)(weights=None, input_shape=(size, size, 3))
     randomize_batchnorm(model, seed)
     return freeze_keras_model(model, (None, size, size, 3))

@@ -24,9 +24,18 @@ _UNARY = {
     "Square": np.square, "Abs": np.abs, "Exp": np.exp, "Log": np.log,
 }
 
+# Ops never run by the TensorFlow fallback: graph inputs, and ops whose value is not a function of their inputs.
+_NEVER_EVALUATE = {"Placeholder", "PlaceholderV2", "PlaceholderWithDefault", "VarHandleOp", "ReadVariableOp",
+                   "Enter", "Exit", "Merge", "Switch", "NextIteration", "LoopCond"}
+
 # Elementwise results larger than this many elements are not computed: resolution is for weights and
 # per-channel parameters, and a broadcast that large points at an activation, not a constant.
 MAX_ELEMENTS = 1 << 28
+
+
+# Constant subgraphs feeding a weight are a few ops deep; a longer chain is an activation path, and
+# stopping there keeps resolution of an activation from walking the whole network.
+MAX_DEPTH = 32
 
 
 class NotConstant(Exception):
@@ -37,14 +46,27 @@ class ConstResolver:
     """Resolve values to numpy arrays, caching each result for the life of one pass run."""
 
     def __init__(self):
-        self._cache: dict[int, np.ndarray] = {}
+        # id(value) -> array, or the NotConstant raised for it, so no value is walked twice.
+        self._cache: dict[int, np.ndarray | NotConstant] = {}
+        self._depth = 0
 
     def resolve(self, value: Value) -> np.ndarray:
         """Return the value's array, or raise NotConstant naming the op that is not constant."""
         cached = self._cache.get(id(value))
+        if isinstance(cached, NotConstant):
+            raise cached
         if cached is not None:
             return cached
-        array = self._compute(value)
+        if self._depth >= MAX_DEPTH:
+            raise NotConstant(f"{value.name} is more than {MAX_DEPTH} ops away from any constant")
+        self._depth += 1
+        try:
+            array = self._compute(value)
+        except NotConstant as err:
+            self._cache[id(value)] = err
+            raise
+        finally:
+            self._depth -= 1
         self._cache[id(value)] = array
         return array
 
@@ -87,7 +109,32 @@ class ConstResolver:
             if op in _BINARY:
                 a, b = (self.resolve(v) for v in node.inputs[:2])
                 return self._binary(_BINARY[op], a, b, node.name)
+            return self._evaluate_in_tf(value)
         raise NotConstant(f"{value.name} comes from {op} node {node.name}, which is not constant")
+
+    def _evaluate_in_tf(self, value: Value) -> np.ndarray:
+        """Fallback for ops numpy does not cover: run the node in TensorFlow when all its inputs are
+        constants and its op is registered and stateless."""
+        from converters.tf_graphdef import evaluate_node
+        from fusion_ir.tfimport import import_tensorflow
+
+        node = value.producer
+        import_tensorflow()
+        from tensorflow.python.framework import op_def_registry
+
+        op_def = op_def_registry.get(node.op)
+        if op_def is None or op_def.is_stateful or node.op in _NEVER_EVALUATE or not node.inputs:
+            raise NotConstant(f"{value.name} comes from {node.op} node {node.name}, which is not constant")
+        arrays = [self.resolve(v) for v in node.inputs]
+        if sum(a.size for a in arrays) > MAX_ELEMENTS:
+            raise NotConstant(f"the inputs of {node.name} are too large to evaluate as constants")
+        try:
+            result = evaluate_node(node, arrays, value.index)
+        except ValueError as err:
+            raise NotConstant(f"TensorFlow could not evaluate {node.op} node {node.name}: {err}") from None
+        if result.size > max(MAX_ELEMENTS // 16, sum(a.size for a in arrays)):
+            raise NotConstant(f"{node.name} would produce {result.size} elements, too large to treat as a constant")
+        return result
 
     @staticmethod
     def _reshape(array: np.ndarray, shape: np.ndarray) -> np.ndarray:

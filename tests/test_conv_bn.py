@@ -287,3 +287,14 @@ def test_float16_overflow_skipped():
     result = fusion_ir.fuse(model, verify=False)
 
     assert "overflows float16" in reasons(result)[the_bn_name(model)]
+
+
+def test_weight_through_op_numpy_lacks_folds():
+    w, params = variable(3, 3, 4, 6), bn_params(6)
+    model = freeze(lambda x: fused_bn(conv(x, tf.reverse(w, axis=[0])), params), X_NHWC)
+    assert "ReverseV2" in op_counts(model.graph_def)
+
+    result = fuse_and_compare(model, SHAPE_NHWC)
+
+    assert "FusedBatchNormV3" not in op_counts(result.graph_def)
+    assert "ReverseV2" not in op_counts(result.graph_def)
