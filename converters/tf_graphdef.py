@@ -214,7 +214,10 @@ def graphdef_to_ir(graph_def, inputs: list[str] | None = None, outputs: list[str
         if node_def.HasField("experimental_type"):
             node.extra["experimental_type"] = node_def.experimental_type
         op_def = op_def_registry.get(node_def.op)
-        if op_def is not None and not op_def.output_arg:
+        count = _num_outputs(op_def, node_def)
+        if count is not None:
+            node.extra["num_outputs"] = count
+        if count == 0:
             node.extra["no_outputs"] = True
         elif op_def is not None and len(op_def.output_arg) == 1 and not (
                 op_def.output_arg[0].number_attr or op_def.output_arg[0].type_list_attr):
@@ -242,6 +245,12 @@ def graphdef_to_ir(graph_def, inputs: list[str] | None = None, outputs: list[str
 
     if inputs:
         graph.inputs = [_lookup(graph, name, "--inputs") for name in inputs]
+        for value in graph.inputs:
+            if value.dtype is None and value.producer is not None:
+                for key in ("T", "dtype", "out_type", "DstT"):
+                    if isinstance(value.producer.attrs.get(key), np.dtype):
+                        value.dtype = value.producer.attrs[key]
+                        break
     else:
         graph.inputs = [n.output(0) for n in graph.nodes if n.op in ("Placeholder", "PlaceholderV2")]
     if outputs:
@@ -255,10 +264,36 @@ def graphdef_to_ir(graph_def, inputs: list[str] | None = None, outputs: list[str
     return graph
 
 
+def _num_outputs(op_def, node_def) -> int | None:
+    """Return how many outputs the node has according to its OpDef, or None when unknown."""
+    if op_def is None:
+        return None
+    total = 0
+    for arg in op_def.output_arg:
+        if arg.number_attr:
+            attr = node_def.attr.get(arg.number_attr)
+            if attr is None:
+                return None
+            total += attr.i
+        elif arg.type_list_attr:
+            attr = node_def.attr.get(arg.type_list_attr)
+            if attr is None:
+                return None
+            total += len(attr.list.type)
+        else:
+            total += 1
+    return total
+
+
 def _lookup(graph: Graph, ref: str, user: str) -> Value:
     node_name, index = parse_tensor_name(ref)
     node = graph.node(node_name)
     if node is not None:
+        count = node.extra.get("num_outputs")
+        if count is not None and index >= count:
+            where = user if user in ("--inputs", "--outputs") else f"node {user!r}"
+            raise InputError(f"{where} reads tensor {ref!r}, but {node.op} node {node_name!r} has "
+                             f"{count} output{'s' if count != 1 else ''}")
         return node.output(index)
     const = graph.constants.get(f"{node_name}:0")
     if const is not None and index == 0:

@@ -35,6 +35,7 @@ class FuseResult:
     output: str | None = None
     nodes_before: int = 0
     nodes_after: int = 0
+    failure: str | None = None
 
 
 def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list[str] | None = None) -> Model:
@@ -95,6 +96,7 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
     if not isinstance(model, Model):
         model = load(model)
     graph = graphdef_to_ir(model.graph_def, inputs or model.inputs, outputs or model.outputs)
+    _check_input_shape_names(graph, input_shapes or {})
     input_specs = [(v.name, v.dtype, v.shape) for v in graph.inputs]
     output_names = [v.name for v in graph.outputs]
     nodes_before = len(model.graph_def.node)
@@ -112,16 +114,26 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
         save(fused, output)
         result.output = str(output)
     if result.verified is False:
-        err = VerificationError("verification failed: " + "; ".join(
+        detail = result.failure or "; ".join(
             f"{c.output} relative max error {c.rel_max_error:.3g} exceeds {c.tolerance:.3g}"
-            for c in result.checks if not c.ok) + ("" if force else "; nothing written (use --force to write anyway)"))
+            for c in result.checks if not c.ok)
+        err = VerificationError("verification failed: " + detail +
+                                ("" if force else "; nothing written (use --force to write anyway)"))
         err.result = result
         raise err
     return result
 
 
+def _check_input_shape_names(graph, input_shapes: dict) -> None:
+    names = {v.name for v in graph.inputs} | {v.name.rsplit(":", 1)[0] for v in graph.inputs}
+    for name in input_shapes:
+        if name not in names:
+            listed = ", ".join(v.name for v in graph.inputs) or "none"
+            raise InputError(f"--input-shape names {name!r}, which is not a graph input (inputs: {listed})")
+
+
 def _verify(original, result: FuseResult, input_specs, output_names, input_shapes, seed) -> None:
-    from fusion_ir.verify import BackendUnavailable, checks_to_dicts, verify_graphdefs
+    from fusion_ir.verify import BackendUnavailable, FusedGraphRejected, checks_to_dicts, verify_graphdefs
 
     if result.report.num_fused == 0:
         result.verified = True
@@ -132,6 +144,10 @@ def _verify(original, result: FuseResult, input_specs, output_names, input_shape
         warning = f"verification skipped: {err}"
         log.warning(warning)
         result.report.warnings.append(warning)
+        return
+    except FusedGraphRejected as err:
+        result.verified = False
+        result.failure = str(err)
         return
     result.checks = checks
     result.verified = all(c.ok for c in checks)

@@ -10,10 +10,18 @@ import sys
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one `error: ...` line and exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from fusion_ir import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fusion-ir",
         description="Fold inference-time BatchNorm, Mul, Add and BiasAdd into conv and matmul weights.")
     parser.add_argument("--version", action="version", version=f"fusion-ir {__version__}")
@@ -56,9 +64,12 @@ def _print_result(result, out) -> None:
 
 def _run_fuse(args) -> int:
     import fusion_ir
+    from fusion_ir.files import check_report_path
     from fusion_ir.verify import parse_input_shapes
 
     shapes = parse_input_shapes(args.input_shape)
+    if args.report:
+        check_report_path(args.report, [args.input, args.output])
     model = fusion_ir.example(args.example, args.seed) if args.example else args.input
     status = EXIT_OK
     try:
@@ -112,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (fusion-ir ... | head); nothing is left to report to.
+        sys.stderr.close()
+        return EXIT_OK
     except Exception as err:  # noqa: BLE001 - the last line of defence against a traceback
         if args.debug:
             raise

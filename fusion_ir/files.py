@@ -85,3 +85,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_report_path(path: str | os.PathLike, other_paths: list) -> Path:
+    """Raise InputError unless the report can be written to `path` without replacing INPUT or OUTPUT."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"--report {path}: folder {parent} does not exist; create it first")
+    if path.is_dir():
+        raise InputError(f"--report {path}: is a folder; choose a file name for the report")
+    for other in other_paths:
+        if other is not None and Path(other).exists() and path.exists() and path.samefile(other):
+            raise InputError(f"--report {path}: is the model file itself; choose another file name")
+        if other is not None and Path(other).resolve() == path.resolve():
+            raise InputError(f"--report {path}: is the same path as the model; choose another file name")
+    return path

@@ -35,6 +35,9 @@ def require_single_use(graph: Graph, value: Value, node_name: str) -> None:
     """Raise Skip unless `value` feeds exactly one input and is not a graph output."""
     if graph.is_output(value):
         raise Skip(f"{node_name} output {value.name} is a graph output, so its unfused value must stay")
+    if any(v is value for v in graph.inputs):
+        raise Skip(f"{node_name} output {value.name} is a graph input (fed by the caller), so the op before it "
+                   f"does not run")
     if value.num_uses != 1:
         raise Skip(f"{node_name} output has {value.num_uses} consumers ({consumers(value)}); "
                    f"folding would change what the others read")

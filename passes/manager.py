@@ -8,6 +8,7 @@ from fusion_ir.ir import Graph, Node
 from fusion_ir.report import Report
 from passes import affine, conv_bn, group_conv, small_bn
 from passes.common import PassContext
+from passes.resolve import ConstResolver
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def run_pipeline(graph: Graph, mode: str = "ptq", report: Report | None = None) 
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     report = report if report is not None else Report()
     for round_number in range(1, MAX_ROUNDS + 1):
-        ctx = PassContext(graph, report, mode)
+        ctx = PassContext(graph, report, mode, ConstResolver({id(v) for v in graph.inputs}))
         changed = False
         for fusion in PIPELINES[mode]:
             changed |= fusion(ctx)

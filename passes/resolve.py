@@ -45,7 +45,9 @@ class NotConstant(Exception):
 class ConstResolver:
     """Resolve values to numpy arrays, caching each result for the life of one pass run."""
 
-    def __init__(self):
+    def __init__(self, graph_inputs: set[int] | None = None):
+        # ids of values fed by the caller: never constant, even when a constant op produces them.
+        self.graph_inputs = graph_inputs or set()
         # id(value) -> array, or the NotConstant raised for it, so no value is walked twice.
         self._cache: dict[int, np.ndarray | NotConstant] = {}
         self._depth = 0
@@ -79,6 +81,8 @@ class ConstResolver:
     def _compute(self, value: Value) -> np.ndarray:
         if value.is_const:
             return value.const
+        if self.graph_inputs and id(value) in self.graph_inputs:
+            raise NotConstant(f"{value.name} is a graph input, not a constant")
         node = value.producer
         if node is None:
             raise NotConstant(f"{value.name} is a graph input, not a constant")
