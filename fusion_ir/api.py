@@ -79,18 +79,23 @@ def save(graph_def, path: str | os.PathLike) -> None:
 def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = None, *, mode: str = "ptq",
          inputs: list[str] | None = None, outputs: list[str] | None = None,
          input_shapes: dict[str, tuple[int, ...]] | None = None, verify: bool = True, force: bool = False,
-         seed: int = 0) -> FuseResult:
+         seed: int = 0, skip: list[str] = (), disable: list[str] = ()) -> FuseResult:
     """Fuse a model and, unless `verify` is False, check its outputs against the original in TensorFlow.
 
     `model` is a Model or a path. With `output`, the fused graph is written there atomically. Raises
     InputError on bad input and VerificationError (with `.result`) when an output differs beyond its
-    tolerance; the file is then written only when `force` is True.
+    tolerance; the file is then written only when `force` is True. `skip` lists node-name globs kept
+    out of every fusion and `disable` fusion families (conv-bn, group-conv, small-bn, mul-add) to turn off.
     """
     from converters.tf_graphdef import graphdef_to_ir, ir_to_graphdef
+    from passes.common import FAMILIES
     from passes.manager import MODES, run_pipeline
 
     if mode not in MODES:
         raise InputError(f"invalid mode {mode!r}; use one of {', '.join(MODES)}")
+    for family in disable:
+        if family not in FAMILIES:
+            raise InputError(f"--disable {family!r} is not a fusion family; use one of {', '.join(FAMILIES)}")
     if output is not None:
         check_output_path(output)
     if not isinstance(model, Model):
@@ -101,7 +106,7 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
     output_names = [v.name for v in graph.outputs]
     nodes_before = len(model.graph_def.node)
 
-    report = run_pipeline(graph, mode)
+    report = run_pipeline(graph, mode, skip=skip, disable=disable)
     problems = graph.validate()
     if problems:
         raise FusionIRError(f"internal error: the fused graph is inconsistent: {problems[0]}")

@@ -46,6 +46,12 @@ def _build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
                       help="shape of an input for verification, e.g. input:1,224,224,3; unknown dimensions "
                            "default to 1 (repeatable)")
+    fuse.add_argument("--skip", action="append", default=[], metavar="GLOB",
+                      help="keep nodes whose name matches GLOB (fnmatch, e.g. 'model/conv1*') out of every "
+                           "fusion (repeatable)")
+    fuse.add_argument("--disable", action="append", default=[], metavar="FAMILY",
+                      choices=("conv-bn", "group-conv", "small-bn", "mul-add"),
+                      help="turn off a fusion family: conv-bn, group-conv, small-bn or mul-add (repeatable)")
     fuse.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default: 0)")
     fuse.add_argument("--no-verify", action="store_true", help="skip the TensorFlow comparison")
     fuse.add_argument("--force", action="store_true", help="write the output even when verification fails "
@@ -74,7 +80,8 @@ def _run_fuse(args) -> int:
     status = EXIT_OK
     try:
         result = fusion_ir.fuse(model, args.output, mode=args.mode, inputs=args.inputs, outputs=args.outputs,
-                                input_shapes=shapes, verify=not args.no_verify, force=args.force, seed=args.seed)
+                                input_shapes=shapes, verify=not args.no_verify, force=args.force, seed=args.seed,
+                                skip=args.skip, disable=args.disable)
     except fusion_ir.VerificationError as err:
         result = err.result
         _print_result(result, sys.stdout)

@@ -45,6 +45,7 @@ def run(ctx: PassContext) -> bool:
         pattern = f"{prod.pattern_prefix}+{'Mul' if node.op == 'Mul' else 'Add'}"
         nodes = prod.names + [node.name]
         try:
+            ctx.check_allowed("mul-add", nodes)
             _fold(ctx, node, prod, const_value, data_first)
         except Skip as reason:
             ctx.report.skipped(pattern, node.name, nodes, str(reason))

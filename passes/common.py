@@ -4,6 +4,7 @@ that folds a per-channel scale and shift into an op's weight and replaces the fo
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,12 +16,27 @@ from passes.resolve import ConstResolver, NotConstant
 from passes.table import CHANNELS_LAST, OpSemantics, semantics
 
 
+FAMILIES = ("conv-bn", "group-conv", "small-bn", "mul-add")
+
+
 @dataclass
 class PassContext:
     graph: Graph
     report: Report
     mode: str = "ptq"
     resolver: ConstResolver = field(default_factory=ConstResolver)
+    # Node-name globs kept out of every fusion (--skip), and fusion families turned off (--disable).
+    skip_globs: tuple[str, ...] = ()
+    disabled: frozenset[str] = frozenset()
+
+    def check_allowed(self, family: str, nodes: list[str]) -> None:
+        """Raise Skip when `family` is disabled or one of `nodes` matches a --skip glob."""
+        if family in self.disabled:
+            raise Skip(f"the {family} fusion is disabled (--disable {family})")
+        for glob in self.skip_globs:
+            for name in nodes:
+                if fnmatch.fnmatchcase(name, glob):
+                    raise Skip(f"{name} matches --skip {glob!r}")
 
 
 class Skip(Exception):

@@ -34,6 +34,7 @@ def run(ctx: PassContext) -> bool:
             prod = find_producer(ctx, bn.inputs[0], bn.name)
             pattern = f"{prod.pattern_prefix}+BatchNorm"
             nodes = prod.names + [bn.name]
+            ctx.check_allowed("conv-bn", nodes)
             scale, shift = check_bn(ctx, bn, prod.semantics.output_rank, prod.channel_axis)
             weight = check_producer(ctx, prod)
             if scale.size != prod.channels(weight):

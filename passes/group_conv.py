@@ -38,6 +38,7 @@ def run(ctx: PassContext) -> bool:
         try:
             branches = _branches(ctx, concat, bn)
             nodes = [n for b in branches for n in b.names] + nodes
+            ctx.check_allowed("group-conv", nodes)
             _fold(ctx, concat, bn, branches)
         except Skip as reason:
             ctx.report.skipped(pattern, bn.name, nodes, str(reason))

@@ -37,13 +37,19 @@ def _removable(node: Node) -> bool:
     return op_def is not None and not op_def.is_stateful and node.op not in ("Placeholder", "PlaceholderV2")
 
 
-def run_pipeline(graph: Graph, mode: str = "ptq", report: Report | None = None) -> Report:
-    """Fuse `graph` in place with the pipeline for `mode`; return the report."""
+def run_pipeline(graph: Graph, mode: str = "ptq", report: Report | None = None, skip: list[str] = (),
+                 disable: list[str] = ()) -> Report:
+    """Fuse `graph` in place with the pipeline for `mode`; return the report.
+
+    `skip` lists node-name globs kept out of every fusion; `disable` lists fusion families to turn off.
+    Both show in the report as skip reasons.
+    """
     if mode not in PIPELINES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     report = report if report is not None else Report()
     for round_number in range(1, MAX_ROUNDS + 1):
-        ctx = PassContext(graph, report, mode, ConstResolver({id(v) for v in graph.inputs}))
+        ctx = PassContext(graph, report, mode, ConstResolver({id(v) for v in graph.inputs}),
+                          tuple(skip), frozenset(disable))
         changed = False
         for fusion in PIPELINES[mode]:
             changed |= fusion(ctx)

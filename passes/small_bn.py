@@ -119,6 +119,7 @@ def run(ctx: PassContext) -> bool:
             prod = find_producer(ctx, found["x"], mul.name)
             pattern = f"{prod.pattern_prefix}+BatchNorm(small ops)"
             nodes = prod.names + nodes
+            ctx.check_allowed("small-bn", nodes)
             if ctx.mode == "qat":
                 raise Skip(f"{add.name} is a BatchNorm written as small ops; qat mode keeps it for "
                            f"quantization-aware training")

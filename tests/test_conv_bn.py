@@ -298,3 +298,32 @@ def test_weight_through_op_numpy_lacks_folds():
 
     assert "FusedBatchNormV3" not in op_counts(result.graph_def)
     assert "ReverseV2" not in op_counts(result.graph_def)
+
+
+def test_skip_glob_keeps_bn():
+    w, params = variable(3, 3, 4, 6), bn_params(6)
+    model = freeze(lambda x: fused_bn(conv(x, w), params), X_NHWC)
+    conv_name = next(n.name for n in model.graph_def.node if n.op == "Conv2D")
+
+    result = fusion_ir.fuse(model, verify=False, skip=[conv_name[:3] + "*"])
+
+    assert op_counts(result.graph_def)["FusedBatchNormV3"] == 1
+    assert "matches --skip" in reasons(result)[the_bn_name(model)]
+
+
+def test_disable_family_keeps_bn():
+    w, params = variable(3, 3, 4, 6), bn_params(6)
+    model = freeze(lambda x: fused_bn(conv(x, w), params) * 2.0, X_NHWC)
+
+    result = fusion_ir.fuse(model, verify=False, disable=["conv-bn"])
+
+    assert op_counts(result.graph_def)["FusedBatchNormV3"] == 1
+    assert "disabled (--disable conv-bn)" in reasons(result)[the_bn_name(model)]
+
+
+def test_disable_unknown_family_rejected():
+    w, params = variable(3, 3, 4, 6), bn_params(6)
+    model = freeze(lambda x: fused_bn(conv(x, w), params), X_NHWC)
+
+    with pytest.raises(fusion_ir.InputError, match="not a fusion family"):
+        fusion_ir.fuse(model, verify=False, disable=["bogus"])
