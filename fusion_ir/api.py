@@ -22,6 +22,10 @@ class Model:
     inputs: list[str] | None = None
     outputs: list[str] | None = None
     source: str = "<memory>"
+    # Signature key -> tensor name for models loaded from a SavedModel or Keras file; a SavedModel
+    # written from this model uses the same keys.
+    input_keys: dict[str, str] | None = None
+    output_keys: dict[str, str] | None = None
 
 
 @dataclass
@@ -38,11 +42,25 @@ class FuseResult:
     failure: str | None = None
 
 
-def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list[str] | None = None) -> Model:
-    """Load a frozen GraphDef (.pb binary or .pbtxt text, recognized by content)."""
+def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list[str] | None = None,
+         signature: str | None = None) -> Model:
+    """Load a model: a frozen GraphDef (.pb binary or .pbtxt text), a SavedModel folder (frozen from
+    `signature`, default serving_default) or a Keras .keras / .h5 file. Files are recognized by content."""
     from converters.tf_graphdef import parse_graphdef
 
+    if Path(path).is_dir():
+        from converters.tf_loaders import load_saved_model
+
+        frozen = load_saved_model(path, signature)
+        return Model(frozen.graph_def, inputs or frozen.inputs, outputs or frozen.outputs, str(path),
+                     frozen.input_keys, frozen.output_keys)
     data = read_bytes(path)
+    if data.startswith((b"PK\x03\x04", b"\x89HDF\r\n\x1a\n")):
+        from converters.tf_loaders import load_keras
+
+        frozen = load_keras(path)
+        return Model(frozen.graph_def, inputs or frozen.inputs, outputs or frozen.outputs, str(path),
+                     frozen.input_keys, frozen.output_keys)
     text = looks_like_text(data)
     try:
         graph_def = parse_graphdef(data, str(path), text)
@@ -68,12 +86,32 @@ def example(name: str, seed: int = 0) -> Model:
     return Model(graph_def, inputs, outputs, f"example {name}")
 
 
-def save(graph_def, path: str | os.PathLike) -> None:
-    """Write a GraphDef atomically: binary for .pb, text for .pbtxt."""
+def save(graph_def, path: str | os.PathLike, inputs: list[str] | None = None, outputs: list[str] | None = None,
+         input_keys: dict[str, str] | None = None, output_keys: dict[str, str] | None = None) -> None:
+    """Write a GraphDef atomically: binary for .pb, text for .pbtxt, a SavedModel for a path without suffix.
+
+    A SavedModel's serving signature maps `input_keys` / `output_keys` (signature key -> tensor name);
+    without them the keys are the node names of `inputs` / `outputs`.
+    """
     from converters.tf_graphdef import serialize_graphdef
 
     path = check_output_path(path)
+    if not path.suffix:
+        from converters.tf_loaders import save_saved_model
+
+        if not input_keys:
+            input_keys = {_key(t): t for t in inputs or []}
+        if not output_keys:
+            output_keys = {_key(t): t for t in outputs or []}
+        save_saved_model(graph_def, path, input_keys, output_keys)
+        return
     write_atomic(path, serialize_graphdef(graph_def, text=path.suffix == ".pbtxt"))
+
+
+def _key(tensor: str) -> str:
+    name, _, index = tensor.rpartition(":")
+    base = (name if index.isdigit() else tensor).replace("/", "_")
+    return base if not index.isdigit() or index == "0" else f"{base}_{index}"
 
 
 def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = None, *, mode: str = "ptq",
@@ -116,7 +154,9 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
     if verify:
         _verify(model.graph_def, result, input_specs, output_names, input_shapes or {}, seed)
     if output is not None and (result.verified is not False or force):
-        save(fused, output)
+        same_io = not inputs and not outputs
+        save(fused, output, [v for v, _, _ in input_specs], output_names,
+             model.input_keys if same_io else None, model.output_keys if same_io else None)
         result.output = str(output)
     if result.verified is False:
         detail = result.failure or "; ".join(

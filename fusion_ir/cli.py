@@ -31,11 +31,15 @@ def _build_parser() -> argparse.ArgumentParser:
                           description="Fuse a frozen TensorFlow GraphDef and write the result; outputs are "
                                       "checked against the original in TensorFlow unless --no-verify.")
     source = fuse.add_mutually_exclusive_group(required=True)
-    source.add_argument("input", nargs="?", help="frozen GraphDef, binary (.pb) or text (.pbtxt)")
+    source.add_argument("input", nargs="?", help="frozen GraphDef (.pb, .pbtxt), SavedModel folder, or Keras "
+                                                 "file (.keras, .h5)")
     source.add_argument("--example", metavar="NAME",
                         help="build keras.applications NAME (resnet50, mobilenetv2, ...) with random weights "
                              "and BN statistics instead of reading INPUT")
-    fuse.add_argument("-o", "--output", required=True, help="output file: .pb (binary) or .pbtxt (text)")
+    fuse.add_argument("-o", "--output", required=True,
+                      help="output: .pb (binary GraphDef), .pbtxt (text GraphDef) or a folder name (SavedModel)")
+    fuse.add_argument("--signature", metavar="NAME",
+                      help="SavedModel signature to load (default: serving_default)")
     fuse.add_argument("--report", metavar="FILE", help="write the JSON report (every candidate, fused or "
                                                        "skipped with the reason) to FILE")
     fuse.add_argument("--mode", choices=("ptq", "qat"), default="ptq",
@@ -76,7 +80,8 @@ def _run_fuse(args) -> int:
     shapes = parse_input_shapes(args.input_shape)
     if args.report:
         check_report_path(args.report, [args.input, args.output])
-    model = fusion_ir.example(args.example, args.seed) if args.example else args.input
+    model = fusion_ir.example(args.example, args.seed) if args.example else fusion_ir.load(args.input,
+                                                                                           signature=args.signature)
     status = EXIT_OK
     try:
         result = fusion_ir.fuse(model, args.output, mode=args.mode, inputs=args.inputs, outputs=args.outputs,

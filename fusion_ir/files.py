@@ -8,16 +8,13 @@ from pathlib import Path
 
 from fusion_ir.errors import InputError
 
-OUTPUT_SUFFIXES = (".pb", ".pbtxt")
+OUTPUT_SUFFIXES = (".pb", ".pbtxt", "")
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; loading SavedModel folders is not supported yet, "
-                         f"pass a frozen GraphDef (.pb or .pbtxt)")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -42,16 +39,20 @@ def check_output_path(path: str | os.PathLike) -> Path:
     """Raise InputError unless `path` has a suffix fusion-ir writes and its folder exists."""
     path = Path(path)
     if path.suffix not in OUTPUT_SUFFIXES:
-        if path.suffix == ".onnx" or path.suffix == "":
-            raise InputError(f"{path}: writing {'ONNX' if path.suffix else 'a SavedModel folder'} is not "
-                             f"supported yet; use an output ending in .pb or .pbtxt")
-        raise InputError(f"{path}: unsupported output suffix {path.suffix!r}; use .pb (binary GraphDef) or "
-                         f".pbtxt (text GraphDef)")
+        if path.suffix == ".onnx":
+            raise InputError(f"{path}: writing ONNX is not supported yet; use an output ending in .pb or .pbtxt, "
+                             f"or a folder name for a SavedModel")
+        raise InputError(f"{path}: unsupported output suffix {path.suffix!r}; use .pb (binary GraphDef), "
+                         f".pbtxt (text GraphDef) or a folder name without a suffix (SavedModel)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: output folder {parent} does not exist; create it first")
-    if path.is_dir():
+    if path.suffix and path.is_dir():
         raise InputError(f"{path}: is a folder; choose a file name for the output")
+    if not path.suffix and path.exists() and not path.is_dir():
+        raise InputError(f"{path}: is a file; a SavedModel output is a folder, so choose a new name")
+    if not path.suffix and path.is_dir() and any(path.iterdir()) and not (path / "saved_model.pb").exists():
+        raise InputError(f"{path}: is a folder that is not a SavedModel; it would be replaced, so choose a new name")
     return path
 
 
