@@ -117,14 +117,16 @@ def _key(tensor: str) -> str:
 def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = None, *, mode: str = "ptq",
          inputs: list[str] | None = None, outputs: list[str] | None = None,
          input_shapes: dict[str, tuple[int, ...]] | None = None, verify: bool = True, force: bool = False,
-         seed: int = 0, skip: list[str] = (), disable: list[str] = ()) -> FuseResult:
+         seed: int = 0, skip: list[str] = (), disable: list[str] = (), progress=None) -> FuseResult:
     """Fuse a model and, unless `verify` is False, check its outputs against the original in TensorFlow.
 
     `model` is a Model or a path. With `output`, the fused graph is written there atomically. Raises
     InputError on bad input and VerificationError (with `.result`) when an output differs beyond its
     tolerance; the file is then written only when `force` is True. `skip` lists node-name globs kept
     out of every fusion and `disable` fusion families (conv-bn, group-conv, small-bn, mul-add) to turn off.
+    `progress`, when given, is called with the name of each long step as it starts.
     """
+    step = progress or (lambda name: None)
     from converters.tf_graphdef import graphdef_to_ir, ir_to_graphdef
     from passes.common import FAMILIES
     from passes.manager import MODES, run_pipeline
@@ -137,7 +139,9 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
     if output is not None:
         check_output_path(output)
     if not isinstance(model, Model):
+        step(f"loading {model}")
         model = load(model)
+    step("folding")
     graph = graphdef_to_ir(model.graph_def, inputs or model.inputs, outputs or model.outputs)
     _check_input_shape_names(graph, input_shapes or {})
     input_specs = [(v.name, v.dtype, v.shape) for v in graph.inputs]
@@ -152,8 +156,10 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
     result = FuseResult(fused, report, nodes_before=nodes_before, nodes_after=len(fused.node))
 
     if verify:
+        step("verifying in TensorFlow")
         _verify(model.graph_def, result, input_specs, output_names, input_shapes or {}, seed)
     if output is not None and (result.verified is not False or force):
+        step(f"writing {output}")
         same_io = not inputs and not outputs
         save(fused, output, [v for v, _, _ in input_specs], output_names,
              model.input_keys if same_io else None, model.output_keys if same_io else None)

@@ -18,6 +18,37 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+FAMILY_CHOICES = ("conv-bn", "group-conv", "small-bn", "mul-add")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by fuse and inspect: where the model comes from and which fusions may run."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("input", nargs="?", help="frozen GraphDef (.pb, .pbtxt), SavedModel folder, or Keras "
+                                                 "file (.keras, .h5)")
+    source.add_argument("--example", metavar="NAME",
+                        help="build keras.applications NAME (resnet50, mobilenetv2, ...) with random weights "
+                             "and BN statistics instead of reading INPUT; NAME-tfkeras builds it with tf_keras")
+    parser.add_argument("--signature", metavar="NAME",
+                        help="SavedModel signature to load (default: serving_default)")
+    parser.add_argument("--mode", choices=("ptq", "qat"), default="ptq",
+                        help="ptq folds everything; qat keeps BatchNorm written as small ops and per-channel "
+                             "Mul/Add (default: ptq)")
+    parser.add_argument("--inputs", nargs="+", metavar="TENSOR",
+                        help="graph input tensors (default: Placeholders)")
+    parser.add_argument("--outputs", nargs="+", metavar="TENSOR",
+                        help="graph output tensors (default: nodes whose outputs nothing consumes)")
+    parser.add_argument("--skip", action="append", default=[], metavar="GLOB",
+                        help="keep nodes whose name matches GLOB (fnmatch, e.g. 'model/conv1*') out of every "
+                             "fusion (repeatable)")
+    parser.add_argument("--disable", action="append", default=[], metavar="FAMILY", choices=FAMILY_CHOICES,
+                        help="turn off a fusion family: conv-bn, group-conv, small-bn or mul-add (repeatable)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of --example weights and of the random verification inputs (default: 0)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no progress messages")
+    parser.add_argument("--debug", action="store_true", help="log every rewrite and show tracebacks")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from fusion_ir import __version__
 
@@ -28,40 +59,47 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fuse = sub.add_parser("fuse", help="fuse a model and write the result",
-                          description="Fuse a frozen TensorFlow GraphDef and write the result; outputs are "
-                                      "checked against the original in TensorFlow unless --no-verify.")
-    source = fuse.add_mutually_exclusive_group(required=True)
-    source.add_argument("input", nargs="?", help="frozen GraphDef (.pb, .pbtxt), SavedModel folder, or Keras "
-                                                 "file (.keras, .h5)")
-    source.add_argument("--example", metavar="NAME",
-                        help="build keras.applications NAME (resnet50, mobilenetv2, ...) with random weights "
-                             "and BN statistics instead of reading INPUT")
+                          description="Fuse a model and write the result; outputs are checked against the "
+                                      "original in TensorFlow unless --no-verify.")
+    _add_model_options(fuse)
     fuse.add_argument("-o", "--output", required=True,
                       help="output: .pb (binary GraphDef), .pbtxt (text GraphDef) or a folder name (SavedModel)")
-    fuse.add_argument("--signature", metavar="NAME",
-                      help="SavedModel signature to load (default: serving_default)")
     fuse.add_argument("--report", metavar="FILE", help="write the JSON report (every candidate, fused or "
                                                        "skipped with the reason) to FILE")
-    fuse.add_argument("--mode", choices=("ptq", "qat"), default="ptq",
-                      help="ptq folds everything; qat leaves BatchNorm written as small ops (default: ptq)")
-    fuse.add_argument("--inputs", nargs="+", metavar="TENSOR", help="graph input tensors (default: Placeholders)")
-    fuse.add_argument("--outputs", nargs="+", metavar="TENSOR",
-                      help="graph output tensors (default: nodes whose outputs nothing consumes)")
     fuse.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
                       help="shape of an input for verification, e.g. input:1,224,224,3; unknown dimensions "
                            "default to 1 (repeatable)")
-    fuse.add_argument("--skip", action="append", default=[], metavar="GLOB",
-                      help="keep nodes whose name matches GLOB (fnmatch, e.g. 'model/conv1*') out of every "
-                           "fusion (repeatable)")
-    fuse.add_argument("--disable", action="append", default=[], metavar="FAMILY",
-                      choices=("conv-bn", "group-conv", "small-bn", "mul-add"),
-                      help="turn off a fusion family: conv-bn, group-conv, small-bn or mul-add (repeatable)")
-    fuse.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default: 0)")
     fuse.add_argument("--no-verify", action="store_true", help="skip the TensorFlow comparison")
     fuse.add_argument("--force", action="store_true", help="write the output even when verification fails "
                                                            "(the exit code is still 1)")
-    fuse.add_argument("--debug", action="store_true", help="log every rewrite and show tracebacks")
+
+    inspect = sub.add_parser("inspect", help="list what would fold and why each other candidate would not",
+                             description="Run the fusion passes in memory and list every candidate; "
+                                         "nothing is written.")
+    _add_model_options(inspect)
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     return parser
+
+
+def _progress(args):
+    """Return a callback that shows the current step on a terminal, or None when quiet."""
+    if args.quiet or not sys.stderr.isatty():
+        return None
+
+    def show(step: str) -> None:
+        print(f"fusion-ir: {step}...", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _load(args, progress):
+    import fusion_ir
+
+    if progress:
+        progress(f"building example {args.example}" if args.example else f"loading {args.input}")
+    if args.example:
+        return fusion_ir.example(args.example, args.seed)
+    return fusion_ir.load(args.input, signature=args.signature)
 
 
 def _print_result(result, out) -> None:
@@ -80,13 +118,13 @@ def _run_fuse(args) -> int:
     shapes = parse_input_shapes(args.input_shape)
     if args.report:
         check_report_path(args.report, [args.input, args.output])
-    model = fusion_ir.example(args.example, args.seed) if args.example else fusion_ir.load(args.input,
-                                                                                           signature=args.signature)
+    progress = _progress(args)
+    model = _load(args, progress)
     status = EXIT_OK
     try:
         result = fusion_ir.fuse(model, args.output, mode=args.mode, inputs=args.inputs, outputs=args.outputs,
                                 input_shapes=shapes, verify=not args.no_verify, force=args.force, seed=args.seed,
-                                skip=args.skip, disable=args.disable)
+                                skip=args.skip, disable=args.disable, progress=progress)
     except fusion_ir.VerificationError as err:
         result = err.result
         _print_result(result, sys.stdout)
@@ -104,6 +142,20 @@ def _run_fuse(args) -> int:
         print(f"wrote {result.output}: {result.report.num_fused} folded, "
               f"{result.nodes_before} -> {result.nodes_after} nodes")
     return status
+
+
+def _run_inspect(args) -> int:
+    import fusion_ir
+
+    progress = _progress(args)
+    model = _load(args, progress)
+    result = fusion_ir.fuse(model, mode=args.mode, inputs=args.inputs, outputs=args.outputs, verify=False,
+                            skip=args.skip, disable=args.disable, progress=progress)
+    if args.json:
+        print(result.report.to_json())
+    else:
+        print(result.report.details_table())
+    return EXIT_OK
 
 
 def _configure_logging(debug: bool) -> None:
@@ -127,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fuse":
             return _run_fuse(args)
+        if args.command == "inspect":
+            return _run_inspect(args)
     except FusionIRError as err:
         if args.debug:
             raise

@@ -77,3 +77,16 @@ class Report:
             lines.append("skipped:")
             lines.extend(f"  {c.anchor}: {c.reason}" for c in skips)
         return "\n".join(lines)
+
+    def details_table(self) -> str:
+        """Return one line per candidate: status, pattern, anchor node and, when skipped, the reason."""
+        if not self.candidates:
+            return "no fusion candidates found"
+        width = max(len(c.pattern) for c in self.candidates.values())
+        lines = []
+        for c in self.candidates.values():
+            verdict = "fold" if c.status == FUSED else "skip"
+            line = f"{verdict}  {c.pattern:<{width}}  {c.anchor}"
+            lines.append(line + (f": {c.reason}" if c.reason else ""))
+        lines.append(f"{self.num_fused} would fold, {self.num_skipped} would not")
+        return "\n".join(lines)
