@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusion_ir.errors import InputError
-from fusion_ir.ir import Graph, Node, Opaque, Value
+from fusion_ir.ir import Graph, IRError, Node, Opaque, Value
 from fusion_ir.tfimport import import_tensorflow
 
 
@@ -242,6 +242,11 @@ def graphdef_to_ir(graph_def, inputs: list[str] | None = None, outputs: list[str
             shape_attr = node.attrs.get("shape")
             if isinstance(shape_attr, Opaque):
                 value.shape = _shape_from_attr(shape_attr.payload)
+
+    try:
+        graph.toposort()
+    except IRError as err:
+        raise InputError(f"the graph is invalid: {err}; only while loops (through Merge) may form cycles") from None
 
     if inputs:
         graph.inputs = [_lookup(graph, name, "--inputs") for name in inputs]

@@ -169,7 +169,7 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
             f"{c.output} relative max error {c.rel_max_error:.3g} exceeds {c.tolerance:.3g}"
             for c in result.checks if not c.ok)
         err = VerificationError("verification failed: " + detail +
-                                ("" if force else "; nothing written (use --force to write anyway)"))
+                                ("" if force else "; the model was not written (use --force to write it anyway)"))
         err.result = result
         raise err
     return result
@@ -193,7 +193,7 @@ def _verify(original, result: FuseResult, input_specs, output_names, input_shape
         checks = verify_graphdefs(original, result.graph_def, input_specs, output_names, input_shapes, seed)
     except BackendUnavailable as err:
         warning = f"verification skipped: {err}"
-        log.warning(warning)
+        log.debug(warning)
         result.report.warnings.append(warning)
         return
     except FusedGraphRejected as err:

@@ -18,6 +18,23 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _tensor_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no tensor")
+    return names
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use a seed >= 0")
+    return value
+
+
 FAMILY_CHOICES = ("conv-bn", "group-conv", "small-bn", "mul-add")
 
 
@@ -34,16 +51,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("ptq", "qat"), default="ptq",
                         help="ptq folds everything; qat keeps BatchNorm written as small ops and per-channel "
                              "Mul/Add (default: ptq)")
-    parser.add_argument("--inputs", nargs="+", metavar="TENSOR",
-                        help="graph input tensors (default: Placeholders)")
-    parser.add_argument("--outputs", nargs="+", metavar="TENSOR",
-                        help="graph output tensors (default: nodes whose outputs nothing consumes)")
+    parser.add_argument("--inputs", type=_tensor_list, action="extend", metavar="T1,T2",
+                        help="graph input tensors, comma-separated, e.g. x:0,mask:0 (default: Placeholders)")
+    parser.add_argument("--outputs", type=_tensor_list, action="extend", metavar="T1,T2",
+                        help="graph output tensors, comma-separated (default: nodes whose outputs nothing "
+                             "consumes)")
     parser.add_argument("--skip", action="append", default=[], metavar="GLOB",
                         help="keep nodes whose name matches GLOB (fnmatch, e.g. 'model/conv1*') out of every "
                              "fusion (repeatable)")
     parser.add_argument("--disable", action="append", default=[], metavar="FAMILY", choices=FAMILY_CHOICES,
                         help="turn off a fusion family: conv-bn, group-conv, small-bn or mul-add (repeatable)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_seed, default=0,
                         help="seed of --example weights and of the random verification inputs (default: 0)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no progress messages")
     parser.add_argument("--debug", action="store_true", help="log every rewrite and show tracebacks")
@@ -107,6 +125,7 @@ def _print_result(result, out) -> None:
     if result.checks:
         from fusion_ir.verify import format_checks
 
+        print(file=out)
         print(format_checks(result.checks), file=out)
 
 
@@ -163,16 +182,22 @@ def _configure_logging(debug: bool) -> None:
     # start-up messages even when TF_CPP_MIN_LOG_LEVEL hides them.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.set_name("fusion-ir-cli")
     for name in ("fusion_ir", "converters", "passes"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.DEBUG if debug else logging.WARNING)
-        logger.addHandler(handler)
+        # main() may run several times in one process (tests, notebooks): one handler is enough.
+        logger.handlers = [h for h in logger.handlers if h.get_name() != "fusion-ir-cli"] + [handler]
         logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as done:
+        # --help, --version and usage errors end here; return their code so main() can run in-process.
+        return done.code if isinstance(done.code, int) else EXIT_BAD_INPUT
     _configure_logging(args.debug)
     from fusion_ir.errors import FusionIRError
 

@@ -50,9 +50,11 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             if not sep or not name:
                 raise ValueError
             shapes[name] = tuple(int(d) for d in dims.split(","))
+            if any(d < 1 for d in shapes[name]):
+                raise ValueError
         except ValueError:
-            raise InputError(f"--input-shape {spec!r} is invalid; write NAME:DIMS, for example "
-                             f"input:1,224,224,3") from None
+            raise InputError(f"--input-shape {spec!r} is invalid; write NAME:DIMS with positive dimensions, "
+                             f"for example input:1,224,224,3") from None
     return shapes
 
 

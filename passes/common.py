@@ -120,7 +120,8 @@ _BIAS_OPS = ("BiasAdd", "Add", "AddV2")
 def find_producer(ctx: PassContext, value: Value, user: str) -> Producer:
     """Walk from the folded node's data input back to a table op, through one optional bias op.
 
-    Raises Skip naming the producer when it is not an op fusion-ir folds into.
+    A BiasAdd, or an Add/AddV2 whose other input is a constant, counts as the op's bias. Raises Skip
+    naming the producer when it is not an op fusion-ir folds into.
     """
     node = value.producer
     if node is None:
@@ -128,7 +129,7 @@ def find_producer(ctx: PassContext, value: Value, user: str) -> Producer:
     bias_node = None
     if node.op in _BIAS_OPS and semantics(node) is None:
         data = _bias_data_input(ctx, node)
-        if data is not None and data.producer is not None and semantics(data.producer) is not None:
+        if data is not None:
             bias_node, node = node, data.producer
     sem = semantics(node)
     if sem is None:
@@ -137,14 +138,15 @@ def find_producer(ctx: PassContext, value: Value, user: str) -> Producer:
 
 
 def _bias_data_input(ctx: PassContext, node: Node) -> Value | None:
-    if node.op == "BiasAdd":
-        return node.inputs[0]
-    a, b = node.inputs[:2]
-    a_const = ctx.resolver.try_resolve(a) is not None
-    b_const = ctx.resolver.try_resolve(b) is not None
-    if a_const == b_const:
-        return None
-    return b if a_const else a
+    """Return the input of bias op `node` that comes from a table op when the other is a constant."""
+    candidates = (0,) if node.op == "BiasAdd" else (0, 1)
+    for i in candidates:
+        data = node.inputs[i]
+        if data.producer is None or semantics(data.producer) is None:
+            continue
+        if ctx.resolver.try_resolve(node.inputs[1 - i]) is not None:
+            return data
+    return None
 
 
 def check_producer(ctx: PassContext, prod: Producer) -> np.ndarray:

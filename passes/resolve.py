@@ -38,6 +38,24 @@ MAX_ELEMENTS = 1 << 28
 MAX_DEPTH = 32
 
 
+_evaluable_ops: dict[str, bool] = {}
+
+
+def _evaluable(op: str) -> bool:
+    """Return whether the TensorFlow fallback may run `op`: registered, stateless, a function of its inputs."""
+    known = _evaluable_ops.get(op)
+    if known is None:
+        from fusion_ir.tfimport import import_tensorflow
+
+        import_tensorflow()
+        from tensorflow.python.framework import op_def_registry
+
+        op_def = op_def_registry.get(op)
+        known = op_def is not None and not op_def.is_stateful and op not in _NEVER_EVALUATE
+        _evaluable_ops[op] = known
+    return known
+
+
 class NotConstant(Exception):
     """The value does not resolve to a constant; the message names the value and the reason."""
 
@@ -120,14 +138,9 @@ class ConstResolver:
         """Fallback for ops numpy does not cover: run the node in TensorFlow when all its inputs are
         constants and its op is registered and stateless."""
         from converters.tf_graphdef import evaluate_node
-        from fusion_ir.tfimport import import_tensorflow
 
         node = value.producer
-        import_tensorflow()
-        from tensorflow.python.framework import op_def_registry
-
-        op_def = op_def_registry.get(node.op)
-        if op_def is None or op_def.is_stateful or node.op in _NEVER_EVALUATE or not node.inputs:
+        if not _evaluable(node.op) or not node.inputs:
             raise NotConstant(f"{value.name} comes from {node.op} node {node.name}, which is not constant")
         arrays = [self.resolve(v) for v in node.inputs]
         if sum(a.size for a in arrays) > MAX_ELEMENTS:
