@@ -440,6 +440,13 @@ def onnx_to_ir(model: ModelProto, inputs: list[str] | None = None, outputs: list
         graph.outputs = [_lookup(values, vi.name, "graph output") for vi in graph_proto.output]
 
     _mark_kept(graph)
+    # New tensors created by passes must not reuse any name, including names defined inside subgraphs,
+    # which share the model's single namespace.
+    graph.value_names = set(values)
+    for node in graph_proto.node:
+        for attr in node.attribute:
+            for sub in _subgraphs(attr):
+                graph.value_names |= _defined_names(sub)
     return graph
 
 

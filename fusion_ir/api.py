@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Model:
-    """A TensorFlow GraphDef with its graph input and output tensor names."""
+    """A model with its graph input and output tensor names: a TensorFlow GraphDef, or an ONNX
+    ModelProto (held in the same field)."""
 
     graph_def: object
     inputs: list[str] | None = None
@@ -27,10 +28,16 @@ class Model:
     input_keys: dict[str, str] | None = None
     output_keys: dict[str, str] | None = None
 
+    @property
+    def format(self) -> str:
+        """"onnx" for an ONNX ModelProto, "tf" for a GraphDef."""
+        return "onnx" if type(self.graph_def).__name__ == "ModelProto" else "tf"
+
 
 @dataclass
 class FuseResult:
-    """What `fuse` produced: the fused GraphDef, the report, and the verification checks."""
+    """What `fuse` produced: the fused model (a GraphDef, or a ModelProto for ONNX input), the report,
+    and the verification checks. `onnx_model` is the tf2onnx conversion when a TF model is written as ONNX."""
 
     graph_def: object
     report: Report
@@ -40,6 +47,7 @@ class FuseResult:
     nodes_before: int = 0
     nodes_after: int = 0
     failure: str | None = None
+    onnx_model: object = None
 
 
 def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list[str] | None = None,
@@ -55,6 +63,10 @@ def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list
         return Model(frozen.graph_def, inputs or frozen.inputs, outputs or frozen.outputs, str(path),
                      frozen.input_keys, frozen.output_keys)
     data = read_bytes(path)
+    from converters.onnx_model import load_onnx, looks_like_onnx
+
+    if looks_like_onnx(data):
+        return Model(load_onnx(path), inputs, outputs, str(path))
     if data.startswith((b"PK\x03\x04", b"\x89HDF\r\n\x1a\n")):
         from converters.tf_loaders import load_keras
 
@@ -96,6 +108,15 @@ def save(graph_def, path: str | os.PathLike, inputs: list[str] | None = None, ou
     from converters.tf_graphdef import serialize_graphdef
 
     path = check_output_path(path)
+    if type(graph_def).__name__ == "ModelProto":
+        from converters.onnx_model import save_onnx
+
+        if path.suffix != ".onnx":
+            raise InputError(f"{path}: an ONNX model is written as .onnx; choose an output ending in .onnx")
+        save_onnx(graph_def, path)
+        return
+    if path.suffix == ".onnx":
+        raise InputError(f"{path}: convert the GraphDef first (fusion-ir convert), or let fuse write .onnx")
     if not path.suffix:
         from converters.tf_loaders import save_saved_model
 
@@ -118,16 +139,17 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
          inputs: list[str] | None = None, outputs: list[str] | None = None,
          input_shapes: dict[str, tuple[int, ...]] | None = None, verify: bool = True, force: bool = False,
          seed: int = 0, skip: list[str] = (), disable: list[str] = (), progress=None) -> FuseResult:
-    """Fuse a model and, unless `verify` is False, check its outputs against the original in TensorFlow.
+    """Fuse a model and, unless `verify` is False, check its outputs against the original.
 
-    `model` is a Model or a path. With `output`, the fused graph is written there atomically. Raises
-    InputError on bad input and VerificationError (with `.result`) when an output differs beyond its
-    tolerance; the file is then written only when `force` is True. `skip` lists node-name globs kept
+    `model` is a Model or a path. A TF model is checked in TensorFlow, an ONNX model in onnxruntime;
+    a TF model written to an .onnx `output` is converted with tf2onnx after fusing and that ONNX model is
+    checked in onnxruntime against the TF original too. With `output`, the result is written atomically.
+    Raises InputError on bad input and VerificationError (with `.result`) when an output differs beyond
+    its tolerance; the file is then written only when `force` is True. `skip` lists node-name globs kept
     out of every fusion and `disable` fusion families (conv-bn, group-conv, small-bn, mul-add) to turn off.
     `progress`, when given, is called with the name of each long step as it starts.
     """
     step = progress or (lambda name: None)
-    from converters.tf_graphdef import graphdef_to_ir, ir_to_graphdef
     from passes.common import FAMILIES
     from passes.manager import MODES, run_pipeline
 
@@ -141,38 +163,85 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
     if not isinstance(model, Model):
         step(f"loading {model}")
         model = load(model)
+    if output is not None and model.format == "onnx" and Path(output).suffix != ".onnx":
+        raise InputError(f"{output}: an ONNX model is written as .onnx; choose an output ending in .onnx")
+
     step("folding")
-    graph = graphdef_to_ir(model.graph_def, inputs or model.inputs, outputs or model.outputs)
+    graph = _to_ir(model, inputs or model.inputs, outputs or model.outputs)
     _check_input_shape_names(graph, input_shapes or {})
     input_specs = [(v.name, v.dtype, v.shape) for v in graph.inputs]
     output_names = [v.name for v in graph.outputs]
-    nodes_before = len(model.graph_def.node)
+    nodes_before = len(graph.nodes) + len(graph.constants)
 
     report = run_pipeline(graph, mode, skip=skip, disable=disable)
     problems = graph.validate()
     if problems:
         raise FusionIRError(f"internal error: the fused graph is inconsistent: {problems[0]}")
-    fused = ir_to_graphdef(graph)
-    result = FuseResult(fused, report, nodes_before=nodes_before, nodes_after=len(fused.node))
+    fused = _from_ir(graph)
+    result = FuseResult(fused, report, nodes_before=nodes_before, nodes_after=len(graph.nodes) + len(graph.constants))
 
+    to_onnx = output is not None and model.format == "tf" and Path(output).suffix == ".onnx"
+    if to_onnx:
+        from converters.tf_to_onnx import graphdef_to_onnx
+
+        step("converting to ONNX with tf2onnx")
+        result.onnx_model = graphdef_to_onnx(fused, [v for v, _, _ in input_specs], output_names)
     if verify:
-        step("verifying in TensorFlow")
-        _verify(model.graph_def, result, input_specs, output_names, input_shapes or {}, seed)
+        step("verifying")
+        _verify(model, result, input_specs, output_names, input_shapes or {}, seed)
     if output is not None and (result.verified is not False or force):
         step(f"writing {output}")
         same_io = not inputs and not outputs
-        save(fused, output, [v for v, _, _ in input_specs], output_names,
+        save(result.onnx_model if to_onnx else fused, output, [v for v, _, _ in input_specs], output_names,
              model.input_keys if same_io else None, model.output_keys if same_io else None)
         result.output = str(output)
     if result.verified is False:
         detail = result.failure or "; ".join(
-            f"{c.output} relative max error {c.rel_max_error:.3g} exceeds {c.tolerance:.3g}"
+            f"{c.output} ({c.backend}) relative max error {c.rel_max_error:.3g} exceeds {c.tolerance:.3g}"
             for c in result.checks if not c.ok)
         err = VerificationError("verification failed: " + detail +
                                 ("" if force else "; the model was not written (use --force to write it anyway)"))
         err.result = result
         raise err
     return result
+
+
+def convert(model: Model | str | os.PathLike, output: str | os.PathLike, *, opset: int | None = None) -> object:
+    """Convert a TF model to ONNX with tf2onnx, without fusing, and write it to `output` (.onnx)."""
+    from converters.tf_to_onnx import graphdef_to_onnx
+
+    path = check_output_path(output)
+    if path.suffix != ".onnx":
+        raise InputError(f"{output}: convert writes ONNX; choose an output ending in .onnx")
+    if not isinstance(model, Model):
+        model = load(model)
+    if model.format == "onnx":
+        raise InputError(f"{model.source}: is already an ONNX model")
+    graph = _to_ir(model, model.inputs, model.outputs)
+    onnx_model = graphdef_to_onnx(model.graph_def, [v.name for v in graph.inputs], [v.name for v in graph.outputs],
+                                  opset)
+    save(onnx_model, path)
+    return onnx_model
+
+
+def _to_ir(model: Model, inputs, outputs):
+    if model.format == "onnx":
+        from converters.onnx_model import onnx_to_ir
+
+        return onnx_to_ir(model.graph_def, inputs, outputs)
+    from converters.tf_graphdef import graphdef_to_ir
+
+    return graphdef_to_ir(model.graph_def, inputs, outputs)
+
+
+def _from_ir(graph):
+    if graph.dialect == "onnx":
+        from converters.onnx_model import ir_to_onnx
+
+        return ir_to_onnx(graph)
+    from converters.tf_graphdef import ir_to_graphdef
+
+    return ir_to_graphdef(graph)
 
 
 def _check_input_shape_names(graph, input_shapes: dict) -> None:
@@ -183,23 +252,43 @@ def _check_input_shape_names(graph, input_shapes: dict) -> None:
             raise InputError(f"--input-shape names {name!r}, which is not a graph input (inputs: {listed})")
 
 
-def _verify(original, result: FuseResult, input_specs, output_names, input_shapes, seed) -> None:
-    from fusion_ir.verify import BackendUnavailable, FusedGraphRejected, checks_to_dicts, verify_graphdefs
+def _verify(model: Model, result: FuseResult, input_specs, output_names, input_shapes, seed) -> None:
+    """Compare the fused model (and its ONNX conversion, if any) with the original on seeded inputs."""
+    from fusion_ir import verify as numeric
 
-    if result.report.num_fused == 0:
+    if result.report.num_fused == 0 and result.onnx_model is None:
         result.verified = True
         return
+    feeds = numeric.make_inputs(input_specs, input_shapes, seed)
+    backend = "onnxruntime" if model.format == "onnx" else "tensorflow"
+    run = numeric.run_onnx if model.format == "onnx" else numeric.run_graphdef
     try:
-        checks = verify_graphdefs(original, result.graph_def, input_specs, output_names, input_shapes, seed)
-    except BackendUnavailable as err:
-        warning = f"verification skipped: {err}"
-        log.debug(warning)
-        result.report.warnings.append(warning)
+        expected = run(model.graph_def, feeds, output_names)
+    except numeric.BackendUnavailable as err:
+        _skip_verification(result, err)
         return
-    except FusedGraphRejected as err:
-        result.verified = False
-        result.failure = str(err)
-        return
+    checks = []
+    candidates = [(backend, run, result.graph_def)] if result.report.num_fused else []
+    if result.onnx_model is not None:
+        candidates.append(("onnxruntime", numeric.run_onnx, result.onnx_model))
+    for name, runner, candidate in candidates:
+        try:
+            actual = runner(candidate, feeds, output_names)
+        except numeric.BackendUnavailable as err:
+            if name == backend:
+                # The original ran, so a fused model the same backend rejects is a fusion bug.
+                result.verified = False
+                result.failure = f"the fused model does not run in {name} although the original does: {err}"
+                return
+            _skip_verification(result, err)
+            continue
+        checks += [numeric.compare(name, out, e, a, None) for out, e, a in zip(output_names, expected, actual)]
     result.checks = checks
     result.verified = all(c.ok for c in checks)
-    result.report.verification = checks_to_dicts(checks)
+    result.report.verification = numeric.checks_to_dicts(checks)
+
+
+def _skip_verification(result: FuseResult, err: Exception) -> None:
+    warning = f"verification skipped: {err}"
+    log.debug(warning)
+    result.report.warnings.append(warning)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fusion_ir.errors import InputError
 
-OUTPUT_SUFFIXES = (".pb", ".pbtxt", "")
+OUTPUT_SUFFIXES = (".pb", ".pbtxt", ".onnx", "")
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -39,11 +39,8 @@ def check_output_path(path: str | os.PathLike) -> Path:
     """Raise InputError unless `path` has a suffix fusion-ir writes and its folder exists."""
     path = Path(path)
     if path.suffix not in OUTPUT_SUFFIXES:
-        if path.suffix == ".onnx":
-            raise InputError(f"{path}: writing ONNX is not supported yet; use an output ending in .pb or .pbtxt, "
-                             f"or a folder name for a SavedModel")
         raise InputError(f"{path}: unsupported output suffix {path.suffix!r}; use .pb (binary GraphDef), "
-                         f".pbtxt (text GraphDef) or a folder name without a suffix (SavedModel)")
+                         f".pbtxt (text GraphDef), .onnx, or a folder name without a suffix (SavedModel)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: output folder {parent} does not exist; create it first")

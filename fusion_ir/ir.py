@@ -67,6 +67,8 @@ class Value:
         self._const = array
         self._const_loader = None
         self.const_changed = True
+        self.dtype = array.dtype
+        self.shape = tuple(array.shape)
 
     def uses(self) -> list[tuple["Node", int]]:
         """Return a snapshot of (node, input index) pairs, safe to iterate while rewiring."""
@@ -104,6 +106,8 @@ class Node:
         while len(self.outputs) <= index:
             i = len(self.outputs)
             value = Value(self.graph.output_name(self, i) if self.graph else f"{self.name}:{i}")
+            if self.graph is not None and self.dialect == "onnx":
+                self.graph.value_names.add(value.name)
             value.producer = self
             value.index = i
             self.outputs.append(value)
@@ -126,11 +130,20 @@ class Graph:
     def __post_init__(self) -> None:
         self._by_name: dict[str, Node] = {}
         self._counter = itertools.count()
+        # ONNX tensor names in use (node outputs and graph inputs); converters add the names they read.
+        self.value_names: set[str] = set()
 
     # -- naming -----------------------------------------------------------------------------------
 
     def output_name(self, node: Node, index: int) -> str:
-        return f"{node.name}:{index}" if self.dialect == "tf" else f"{node.name}_out{index}"
+        if self.dialect == "tf":
+            return f"{node.name}:{index}"
+        # ONNX tensor names are independent of node names, so a new one must avoid every existing name.
+        base = f"{node.name}_out{index}"
+        name = base
+        while name in self.value_names or name in self.constants:
+            name = f"{base}_{next(self._counter)}"
+        return name
 
     def node(self, name: str) -> Node | None:
         return self._by_name.get(name)
@@ -138,7 +151,8 @@ class Graph:
     def unique_name(self, base: str) -> str:
         """Return `base`, or `base_N`, so that no node or constant has that name yet."""
         name = base
-        while name in self._by_name or name in self.constants or self._const_key(name) in self.constants:
+        while (name in self._by_name or name in self.constants or self._const_key(name) in self.constants
+               or name in self.value_names):
             name = f"{base}_{next(self._counter)}"
         return name
 
@@ -291,7 +305,9 @@ class Graph:
         for node in self.nodes:
             for i, value in enumerate(node.inputs):
                 if value is None:
-                    problems.append(f"{node.name} input {i} is not connected")
+                    # ONNX writes an omitted optional input as an empty name; TF has no such input.
+                    if node.dialect != "onnx":
+                        problems.append(f"{node.name} input {i} is not connected")
                     continue
                 if (node, i) not in value._uses:
                     problems.append(f"{node.name} input {i} ({value.name}) is missing from that value's uses")

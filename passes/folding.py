@@ -34,13 +34,22 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def scale_weight(weight: np.ndarray, scale: np.ndarray, channel_axes: tuple[int, ...]) -> np.ndarray:
-    """Return weight * scale, where output channel k lies on the flattened `channel_axes` of weight."""
+def scale_weight(weight: np.ndarray, scale: np.ndarray, channel_axes: tuple[int, ...],
+                 view_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Return weight * scale, where output channel k lies on the flattened `channel_axes` of weight.
+
+    With `view_shape`, the axes refer to the weight reshaped to that shape (ONNX ConvTranspose with
+    groups views [Cin, Cout/g, ...] as [g, Cin/g, Cout/g, ...], channels on axes 0 and 2). The axes are
+    increasing; channel k is their row-major flattening.
+    """
+    original_shape = weight.shape
+    if view_shape is not None:
+        weight = weight.reshape(view_shape)
     dims = [weight.shape[a] for a in channel_axes]
     if int(np.prod(dims)) != scale.size:
         raise FoldError(f"the weight has {int(np.prod(dims))} output channels but the scale has {scale.size}")
-    if list(channel_axes) != list(range(channel_axes[0], channel_axes[0] + len(channel_axes))):
-        raise ValueError(f"channel axes {channel_axes} must be consecutive")
+    if list(channel_axes) != sorted(set(channel_axes)):
+        raise ValueError(f"channel axes {channel_axes} must be increasing")
     shape = [1] * weight.ndim
     for axis, dim in zip(channel_axes, dims):
         shape[axis] = dim
@@ -53,7 +62,7 @@ def scale_weight(weight: np.ndarray, scale: np.ndarray, channel_axes: tuple[int,
             result = np.multiply(weight.astype(compute), factor).astype(weight.dtype)
     if weight.dtype.itemsize <= 2 and not np.isfinite(result.astype(np.float32)).all():
         raise FoldError(f"the folded weight overflows {weight.dtype}")
-    return result
+    return result.reshape(original_shape)
 
 
 def fold_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, dtype: np.dtype) -> np.ndarray:

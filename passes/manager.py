@@ -6,7 +6,7 @@ import logging
 
 from fusion_ir.ir import Graph, Node
 from fusion_ir.report import Report
-from passes import affine, conv_bn, group_conv, small_bn
+from passes import affine, conv_bn, group_conv, onnx_fold, small_bn
 from passes.common import PassContext
 from passes.resolve import ConstResolver
 
@@ -16,8 +16,8 @@ MODES = ("ptq", "qat")
 # Both modes run the same passes; in qat mode small_bn and affine skip what quantization-aware
 # training keeps (BatchNorm as small ops, per-channel Mul/Add) and say so in the report.
 PIPELINES = {
-    "ptq": [small_bn.run, group_conv.run, conv_bn.run, affine.run],
-    "qat": [small_bn.run, group_conv.run, conv_bn.run, affine.run],
+    "ptq": [small_bn.run, group_conv.run, conv_bn.run, affine.run, onnx_fold.run],
+    "qat": [small_bn.run, group_conv.run, conv_bn.run, affine.run, onnx_fold.run],
 }
 MAX_ROUNDS = 50
 

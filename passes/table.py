@@ -45,7 +45,42 @@ TF_TABLE: dict[str, OpSemantics] = {
 }
 
 
+@dataclass(frozen=True)
+class OnnxSemantics:
+    """An ONNX table row. Output channels are on axis 1 for Conv and ConvTranspose, last for Gemm and
+    MatMul; `bias_input` is the op's own bias input (Conv B, Gemm C), or None for MatMul."""
+
+    weight_input: int
+    bias_input: int | None
+    # (weight shape, node) -> (view shape or None, channel axes within that view)
+    layout: Callable[[tuple, Node], tuple[tuple | None, tuple[int, ...]]]
+    channels_last: bool
+
+
+def _conv_transpose_layout(shape: tuple, node: Node):
+    # Weight [Cin, Cout/g, k...]; output channel g_index * (Cout/g) + j.
+    groups = int(node.attrs.get("group", 1))
+    if groups == 1:
+        return None, (1,)
+    return (groups, shape[0] // groups) + tuple(shape[1:]), (0, 2)
+
+
+ONNX_TABLE: dict[str, OnnxSemantics] = {
+    # Weight [Cout, Cin/g, k...], grouped or not: output channel = axis 0.
+    "Conv": OnnxSemantics(1, 2, lambda shape, n: (None, (0,)), False),
+    "ConvTranspose": OnnxSemantics(1, 2, _conv_transpose_layout, False),
+    "Gemm": OnnxSemantics(1, 2, lambda shape, n: (None, (0,) if n.attrs.get("transB", 0) else (1,)), True),
+    "MatMul": OnnxSemantics(1, None, lambda shape, n: (None, (len(shape) - 1,)), True),
+}
+
+
 def semantics(node: Node) -> OpSemantics | None:
     if node.dialect == "tf":
         return TF_TABLE.get(node.op)
+    return None
+
+
+def onnx_semantics(node: Node) -> OnnxSemantics | None:
+    if node.dialect == "onnx" and node.extra.get("domain", "") in ("", "ai.onnx"):
+        return ONNX_TABLE.get(node.op)
     return None
