@@ -6,11 +6,11 @@ matmul before them, and check with TensorFlow that the outputs did not change.
     print(result.report.summary_table())
 """
 
-from fusion_ir.api import FuseResult, Model, example, fuse, load, save
+from fusion_ir.api import FuseResult, Model, VerifyResult, convert, example, fuse, load, save, verify
 from fusion_ir.errors import FusionIRError, InputError, VerificationError
 from fusion_ir.report import Candidate, Report
 
 __version__ = "0.1.0"
 
 __all__ = ["Candidate", "FuseResult", "FusionIRError", "InputError", "Model", "Report", "VerificationError",
-           "__version__", "example", "fuse", "load", "save"]
+           "VerifyResult", "__version__", "convert", "example", "fuse", "load", "save", "verify"]

@@ -254,7 +254,7 @@ def _check_input_shape_names(graph, input_shapes: dict) -> None:
 
 def _verify(model: Model, result: FuseResult, input_specs, output_names, input_shapes, seed) -> None:
     """Compare the fused model (and its ONNX conversion, if any) with the original on seeded inputs."""
-    from fusion_ir import verify as numeric
+    from fusion_ir import numerics as numeric
 
     if result.report.num_fused == 0 and result.onnx_model is None:
         result.verified = True
@@ -292,3 +292,103 @@ def _skip_verification(result: FuseResult, err: Exception) -> None:
     warning = f"verification skipped: {err}"
     log.debug(warning)
     result.report.warnings.append(warning)
+
+
+@dataclass
+class VerifyResult:
+    """The checks of `verify`: one per output and backend, and whether all are within tolerance."""
+
+    checks: list
+    ok: bool
+    input_pairs: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _pair(reference: list[str], candidate: list[str], what: str) -> list[tuple[str, str]]:
+    """Pair names by name (ignoring a ":0" suffix), else by position (tf2onnx may rename)."""
+    def bare(name):
+        return name[:-2] if name.endswith(":0") else name
+
+    by_name = {bare(n): n for n in candidate}
+    if all(bare(n) in by_name for n in reference) and len(reference) == len(candidate):
+        return [(n, by_name[bare(n)]) for n in reference]
+    if len(reference) != len(candidate):
+        raise InputError(f"the models have {len(reference)} and {len(candidate)} {what}s, which cannot be paired")
+    return list(zip(reference, candidate))
+
+
+def verify(reference: Model | str | os.PathLike, candidate: Model | str | os.PathLike | None = None, *,
+           rtol: float | None = None, atol: float = 0.0, seed: int = 0,
+           input_shapes: dict[str, tuple[int, ...]] | None = None, mode: str = "ptq") -> VerifyResult:
+    """Compare two models on the same seeded inputs, or a model against its own fused form.
+
+    Without `candidate`, `reference` is fused in memory and both are run in TensorFlow (for a TF model)
+    and in onnxruntime (ONNX models directly, TF models through tf2onnx). With `candidate`, each model
+    runs in its own backend and inputs and outputs are paired by name, else by position. An output is
+    within tolerance when its relative max error is at most `rtol` (default by dtype) or its max absolute
+    error at most `atol`.
+    """
+    from fusion_ir import numerics as numeric
+
+    if not isinstance(reference, Model):
+        reference = load(reference)
+    result = VerifyResult([], True)
+    ref_graph = _to_ir(reference, reference.inputs, reference.outputs)
+    specs = [(v.name, v.dtype, v.shape) for v in ref_graph.inputs]
+    ref_outputs = [v.name for v in ref_graph.outputs]
+    _check_input_shape_names(ref_graph, input_shapes or {})
+    feeds = numeric.make_inputs(specs, input_shapes or {}, seed)
+
+    if candidate is None:
+        fused = fuse(reference, verify=False, mode=mode)
+        cand_model = Model(fused.graph_def, [s[0] for s in specs], ref_outputs, "fused")
+        runs = [(_backend(reference), reference, cand_model)]
+        if reference.format == "tf":
+            from converters.tf_to_onnx import graphdef_to_onnx
+
+            inputs = [s[0] for s in specs]
+            runs.append(("onnxruntime", Model(graphdef_to_onnx(reference.graph_def, inputs, ref_outputs), inputs,
+                                              ref_outputs), Model(graphdef_to_onnx(fused.graph_def, inputs,
+                                                                                   ref_outputs), inputs, ref_outputs)))
+        input_pairs = [(s[0], s[0]) for s in specs]
+        output_pairs = [(n, n) for n in ref_outputs]
+    else:
+        cand_model = candidate if isinstance(candidate, Model) else load(candidate)
+        cand_graph = _to_ir(cand_model, cand_model.inputs, cand_model.outputs)
+        input_pairs = _pair([s[0] for s in specs], [v.name for v in cand_graph.inputs], "input")
+        output_pairs = _pair(ref_outputs, [v.name for v in cand_graph.outputs], "output")
+        label = _backend(reference) if reference.format == cand_model.format else \
+            f"{_backend(reference)}/{_backend(cand_model)}"
+        runs = [(label, reference, cand_model)]
+    result.input_pairs = input_pairs
+
+    for label, ref_model, cand in runs:
+        try:
+            expected = _run(ref_model, feeds, [r for r, _ in output_pairs])
+            cand_feeds = {c: feeds[r] for r, c in input_pairs}
+            actual = _run(cand, cand_feeds, [c for _, c in output_pairs])
+        except numeric.BackendUnavailable as err:
+            result.warnings.append(f"{label} check skipped: {err}")
+            continue
+        for (ref_name, cand_name), e, a in zip(output_pairs, expected, actual):
+            check = numeric.compare(label, ref_name, e, a, rtol, atol)
+            if cand_name != ref_name:
+                check.candidate_output = cand_name
+            result.checks.append(check)
+    if not result.checks:
+        raise InputError("no backend could run both models; nothing was compared (" +
+                         "; ".join(result.warnings) + ")")
+    result.ok = all(c.ok for c in result.checks)
+    return result
+
+
+def _backend(model: Model) -> str:
+    return "onnxruntime" if model.format == "onnx" else "tensorflow"
+
+
+def _run(model: Model, feeds: dict, outputs: list[str]):
+    from fusion_ir.numerics import run_graphdef, run_onnx
+
+    if model.format == "onnx":
+        return run_onnx(model.graph_def, feeds, outputs)
+    return run_graphdef(model.graph_def, feeds, outputs)

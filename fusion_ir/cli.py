@@ -91,6 +91,34 @@ def _build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--force", action="store_true", help="write the output even when verification fails "
                                                            "(the exit code is still 1)")
 
+    verify = sub.add_parser("verify", help="compare a model with its fused form, or two models, numerically",
+                            description="Run MODEL and its fused form (or REFERENCE and CANDIDATE) on the same "
+                                        "seeded inputs in TensorFlow and onnxruntime and print, per output and "
+                                        "backend, the max absolute and relative max error. Exit 0 within "
+                                        "tolerance, 1 outside it, 2 on bad input.")
+    verify.add_argument("reference", metavar="MODEL", help="model to check (or the reference of a pair)")
+    verify.add_argument("candidate", metavar="CANDIDATE", nargs="?",
+                        help="model to compare with MODEL; inputs and outputs pair by name, else by position")
+    verify.add_argument("--rtol", type=float, help="relative max error allowed (default: 1e-5 for float32 and "
+                                                   "float64, 2e-3 for float16 and bfloat16)")
+    verify.add_argument("--atol", type=float, default=0.0,
+                        help="an output also passes when its max absolute error is at most ATOL (default: 0)")
+    verify.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default: 0)")
+    verify.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                        help="shape of an input, e.g. input:1,224,224,3; unknown dimensions default to 1")
+    verify.add_argument("--mode", choices=("ptq", "qat"), default="ptq", help="fusion mode for a single MODEL")
+    verify.add_argument("--json", metavar="FILE", help="also write the checks as JSON to FILE")
+    verify.add_argument("--debug", action="store_true", help="show tracebacks")
+    verify.add_argument("-q", "--quiet", action="store_true", help="print no progress messages")
+
+    convert = sub.add_parser("convert", help="convert a TensorFlow model to ONNX with tf2onnx, without fusing")
+    convert.add_argument("input", help="frozen GraphDef, SavedModel folder or Keras file")
+    convert.add_argument("-o", "--output", required=True, help="output .onnx file")
+    convert.add_argument("--signature", metavar="NAME", help="SavedModel signature (default: serving_default)")
+    convert.add_argument("--opset", type=int, help="ONNX opset (default: tf2onnx's)")
+    convert.add_argument("--debug", action="store_true", help="show tracebacks")
+    convert.add_argument("-q", "--quiet", action="store_true", help="print no progress messages")
+
     inspect = sub.add_parser("inspect", help="list what would fold and why each other candidate would not",
                              description="Run the fusion passes in memory and list every candidate; "
                                          "nothing is written.")
@@ -123,7 +151,7 @@ def _load(args, progress):
 def _print_result(result, out) -> None:
     print(result.report.summary_table(), file=out)
     if result.checks:
-        from fusion_ir.verify import format_checks
+        from fusion_ir.numerics import format_checks
 
         print(file=out)
         print(format_checks(result.checks), file=out)
@@ -132,7 +160,7 @@ def _print_result(result, out) -> None:
 def _run_fuse(args) -> int:
     import fusion_ir
     from fusion_ir.files import check_report_path
-    from fusion_ir.verify import parse_input_shapes
+    from fusion_ir.numerics import parse_input_shapes
 
     shapes = parse_input_shapes(args.input_shape)
     if args.report:
@@ -177,6 +205,43 @@ def _run_inspect(args) -> int:
     return EXIT_OK
 
 
+def _run_verify(args) -> int:
+    import json
+
+    import fusion_ir
+    from fusion_ir.files import check_report_path
+    from fusion_ir.numerics import checks_to_dicts, format_checks, parse_input_shapes
+
+    shapes = parse_input_shapes(args.input_shape)
+    if args.json:
+        check_report_path(args.json, [args.reference, args.candidate])
+    result = fusion_ir.verify(args.reference, args.candidate, rtol=args.rtol, atol=args.atol, seed=args.seed,
+                              input_shapes=shapes, mode=args.mode)
+    print(format_checks(result.checks))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.json:
+        from fusion_ir.files import write_atomic
+
+        payload = {"ok": result.ok, "checks": checks_to_dicts(result.checks), "input_pairs": result.input_pairs,
+                   "warnings": result.warnings}
+        write_atomic(args.json, json.dumps(payload, indent=2).encode("utf-8"))
+    if not result.ok:
+        failed = [c.output for c in result.checks if not c.ok]
+        print(f"error: {len(failed)} output check(s) outside tolerance: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    return EXIT_OK
+
+
+def _run_convert(args) -> int:
+    import fusion_ir
+
+    model = fusion_ir.load(args.input, signature=args.signature)
+    fusion_ir.convert(model, args.output, opset=args.opset)
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def _configure_logging(debug: bool) -> None:
     # Only this project's loggers: a handler on the root logger makes TensorFlow 2.21 print its C++
     # start-up messages even when TF_CPP_MIN_LOG_LEVEL hides them.
@@ -206,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_fuse(args)
         if args.command == "inspect":
             return _run_inspect(args)
+        if args.command == "verify":
+            return _run_verify(args)
+        if args.command == "convert":
+            return _run_convert(args)
     except FusionIRError as err:
         if args.debug:
             raise

@@ -14,7 +14,7 @@ tf = import_tensorflow()
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
 
 import fusion_ir  # noqa: E402
-from fusion_ir.verify import run_graphdef  # noqa: E402
+from fusion_ir.numerics import run_graphdef  # noqa: E402
 
 RNG_SEED = 1234
 

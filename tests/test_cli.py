@@ -26,7 +26,7 @@ from google.protobuf import text_format
 from conftest import bn_params, freeze, fused_bn, op_counts, tf, variable
 
 import fusion_ir.cli
-from fusion_ir.verify import run_graphdef
+from fusion_ir.numerics import run_graphdef
 from passes.folding import bn_scale_shift
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from conftest import op_counts, rel_max_error, tf
 
 import fusion_ir
 from fusion_ir.examples import randomize_batchnorm
-from fusion_ir.verify import run_graphdef
+from fusion_ir.numerics import run_graphdef
 
 X = np.random.default_rng(5).standard_normal((2, 16, 16, 3)).astype(np.float32)
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import fusion_ir
-from fusion_ir.verify import run_onnx
+from fusion_ir.numerics import run_onnx
 
 RNG = np.random.default_rng(7)
 

@@ -8,7 +8,7 @@ from conftest import bn_params, freeze, fused_bn, tf, variable
 
 import fusion_ir
 from converters.tf_graphdef import graphdef_to_ir, ir_to_graphdef
-from fusion_ir.verify import run_graphdef
+from fusion_ir.numerics import run_graphdef
 
 
 def roundtrip(graph_def, **kwargs):

@@ -31,6 +31,8 @@ class OutputCheck:
     rel_max_error: float
     tolerance: float
     ok: bool
+    # The candidate's output name when it differs from the reference's (paired by position).
+    candidate_output: str | None = None
 
 
 def tolerance_for(dtype: np.dtype) -> float:
@@ -89,7 +91,8 @@ def make_inputs(specs: list[tuple[str, np.dtype, tuple | None]], shapes: dict[st
     return feeds
 
 
-def compare(backend: str, name: str, original: np.ndarray, fused: np.ndarray, tolerance: float | None) -> OutputCheck:
+def compare(backend: str, name: str, original: np.ndarray, fused: np.ndarray, tolerance: float | None,
+            atol: float = 0.0) -> OutputCheck:
     original = np.asarray(original)
     fused = np.asarray(fused)
     tol = tolerance_for(original.dtype) if tolerance is None else tolerance
@@ -108,7 +111,7 @@ def compare(backend: str, name: str, original: np.ndarray, fused: np.ndarray, to
     finite = a[np.isfinite(a)]
     peak = float(np.max(np.abs(finite))) if finite.size else 0.0
     rel = max_abs / peak if peak > 0 else max_abs
-    ok = bool(np.isfinite(rel) and rel <= tol)
+    ok = bool(np.isfinite(rel) and (rel <= tol or max_abs <= atol))
     return OutputCheck(backend, name, max_abs, rel, tol, ok)
 
 
@@ -153,9 +156,13 @@ def checks_to_dicts(checks: list[OutputCheck]) -> list[dict]:
 
 
 def format_checks(checks: list[OutputCheck]) -> str:
+    checks = [c if c.candidate_output is None else
+              OutputCheck(c.backend, f"{c.output} -> {c.candidate_output}", c.max_abs_error, c.rel_max_error,
+                          c.tolerance, c.ok) for c in checks]
     width = max(len("output"), *(len(c.output) for c in checks))
-    lines = [f"{'backend':<11}  {'output':<{width}}  {'max abs err':>11}  {'rel max err':>11}  {'tolerance':>9}  result"]
+    bwidth = max(len("backend"), *(len(c.backend) for c in checks))
+    lines = [f"{'backend':<{bwidth}}  {'output':<{width}}  {'max abs err':>11}  {'rel max err':>11}  {'tolerance':>9}  result"]
     for c in checks:
-        lines.append(f"{c.backend:<11}  {c.output:<{width}}  {c.max_abs_error:>11.3g}  {c.rel_max_error:>11.3g}  "
+        lines.append(f"{c.backend:<{bwidth}}  {c.output:<{width}}  {c.max_abs_error:>11.3g}  {c.rel_max_error:>11.3g}  "
                      f"{c.tolerance:>9.3g}  {'ok' if c.ok else 'FAILED'}")
     return "\n".join(lines)
