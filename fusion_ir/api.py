@@ -67,6 +67,8 @@ def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list
 
     if looks_like_onnx(data):
         return Model(load_onnx(path), inputs, outputs, str(path))
+    if Path(path).suffix == ".onnx":
+        raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt); export it again")
     if data.startswith((b"PK\x03\x04", b"\x89HDF\r\n\x1a\n")):
         from converters.tf_loaders import load_keras
 
