@@ -36,8 +36,8 @@ class Model:
 
 @dataclass
 class FuseResult:
-    """What `fuse` produced: the fused model (a GraphDef, or a ModelProto for ONNX input), the report,
-    and the verification checks. `onnx_model` is the tf2onnx conversion when a TF model is written as ONNX."""
+    """Result of `fuse`: the fused model (a GraphDef, or a ModelProto for ONNX input), the report and the
+    verification checks. `onnx_model` is the tf2onnx conversion when a TF model is written as ONNX."""
 
     graph_def: object
     report: Report

@@ -20,7 +20,7 @@ DEFAULT_TOLERANCE = {"float16": 2e-3, "bfloat16": 2e-3, "float32": 1e-5, "float6
 
 
 class BackendUnavailable(Exception):
-    """The backend cannot run this model (an unknown op, a missing kernel); the message says why."""
+    """Raised when a backend cannot run a model (an unknown op, a missing kernel); the message gives the cause."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""What every fusion pass shares: the pass context, the checks common to every fold, and the rewrite
-that folds a per-channel scale and shift into an op's weight and replaces the folded node by a BiasAdd.
+"""Shared parts of the TF fusion passes: the pass context, the checks common to every fold, and the
+rewrite that folds a per-channel scale and shift into an op's weight and replaces the folded node by a
+BiasAdd.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from passes.resolve import ConstResolver
 log = logging.getLogger(__name__)
 
 MODES = ("ptq", "qat")
-# Both modes run the same passes; in qat mode small_bn and affine skip what quantization-aware
-# training keeps (BatchNorm as small ops, per-channel Mul/Add) and say so in the report.
+# Both modes run the same passes. In qat mode, small_bn, affine and onnx_fold skip what
+# quantization-aware training keeps (BatchNorm as small ops, per-channel Mul/Add) and report why.
 PIPELINES = {
     "ptq": [small_bn.run, group_conv.run, conv_bn.run, affine.run, onnx_fold.run],
     "qat": [small_bn.run, group_conv.run, conv_bn.run, affine.run, onnx_fold.run],
@@ -23,7 +23,7 @@ MAX_ROUNDS = 50
 
 
 def _removable(node: Node) -> bool:
-    """Return whether a dead node may go: only ops TensorFlow knows to be stateless."""
+    """Return whether a dead node may be removed: only ops whose TF OpDef is registered and stateless."""
     if node.graph is not None and any(v is out for out in node.outputs for v in node.graph.inputs):
         return False
     if node.dialect != "tf":

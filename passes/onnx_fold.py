@@ -80,7 +80,7 @@ def run(ctx: PassContext) -> bool:
         if found is None:
             continue
         prod, const_value = found
-        kind = "BatchNorm" if node.op == "BatchNormalization" else ("Mul" if node.op == "Mul" else "Add")
+        kind = {"BatchNormalization": "BatchNorm", "Mul": "Mul"}.get(node.op, "Add")
         pattern = f"{prod.prefix}+{kind}" if prod is not None else f"{node.inputs[0].producer.op}+BatchNorm"
         nodes = (prod.names if prod is not None else []) + [node.name]
         try:
@@ -143,7 +143,12 @@ def _fold(ctx: PassContext, anchor: Node, prod: OnnxProducer, const_value) -> No
     dims = view if view is not None else weight.shape
     channels = int(np.prod([dims[a] for a in axes]))
     rank = _output_rank(prod, weight)
-    channel_axis = (rank - 1 if rank is not None else -1) if prod.sem.channels_last else 1
+    if not prod.sem.channels_last:
+        channel_axis = 1
+    elif rank is not None:
+        channel_axis = rank - 1
+    else:
+        channel_axis = -1
 
     if anchor.op == "BatchNormalization":
         scale, shift = _bn(ctx, anchor, rank, channel_axis, channels)
