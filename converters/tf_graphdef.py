@@ -186,8 +186,8 @@ def graphdef_to_ir(graph_def, inputs: list[str] | None = None, outputs: list[str
     from tensorflow.python.framework import op_def_registry
 
     graph = Graph("tf")
-    graph.meta["versions"] = graph_def.versions if graph_def.HasField("versions") else None
-    graph.meta["library"] = graph_def.library if graph_def.HasField("library") else None
+    for field in ("versions", "library", "debug_info"):
+        graph.meta[field] = getattr(graph_def, field) if graph_def.HasField(field) else None
     graph.meta["order"] = [n.name for n in graph_def.node]
 
     names = set()
@@ -317,31 +317,73 @@ def _ref(value: Value) -> str:
     return name if index == 0 else f"{name}:{index}"
 
 
-def ir_to_graphdef(graph: Graph):
-    """Write an IR graph back to a GraphDef, keeping the original node order where nodes survive."""
-    graph_def = _graph_pb2().GraphDef()
-    if graph.meta.get("versions") is not None:
-        graph_def.versions.CopyFrom(graph.meta["versions"])
-    if graph.meta.get("library") is not None:
-        graph_def.library.CopyFrom(graph.meta["library"])
-
+def _ordered_items(graph: Graph):
+    """Yield (node name, Node or constant Value) in the original node order, new ones last."""
     node_defs = {}
     for key, value in graph.constants.items():
         node_defs[parse_tensor_name(key)[0]] = value
     for node in graph.nodes:
         node_defs[node.name] = node
-
     order = [name for name in graph.meta.get("order", []) if name in node_defs]
     seen = set(order)
     order += [name for name in node_defs if name not in seen]
     for name in order:
-        item = node_defs[name]
-        out = graph_def.node.add()
-        if isinstance(item, Value):
-            _write_const(name, item, out)
-        else:
-            _write_node(item, out)
+        yield name, node_defs[name]
+
+
+def _fill_node_def(name: str, item, out) -> None:
+    if isinstance(item, Value):
+        _write_const(name, item, out)
+    else:
+        _write_node(item, out)
+
+
+def ir_to_graphdef(graph: Graph):
+    """Write an IR graph back to a GraphDef, keeping the original node order where nodes survive."""
+    graph_def = _graph_pb2().GraphDef()
+    for field in ("versions", "library", "debug_info"):
+        if graph.meta.get(field) is not None:
+            getattr(graph_def, field).CopyFrom(graph.meta[field])
+    for name, item in _ordered_items(graph):
+        _fill_node_def(name, item, graph_def.node.add())
     return graph_def
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    key = (field_number << 3) | 2
+    header = bytearray([key])
+    length = len(payload)
+    while length >= 0x80:
+        header.append((length & 0x7F) | 0x80)
+        length >>= 7
+    header.append(length)
+    return bytes(header)
+
+
+def ir_to_graphdef_chunks(graph: Graph):
+    """Yield the binary GraphDef of `graph` in pieces, one node at a time.
+
+    The pieces parse to the same GraphDef as ir_to_graphdef(graph), without holding a second GraphDef
+    and its full serialization in memory. Rebuilt nodes are serialized deterministically (attributes in
+    key order); unchanged constants keep their original bytes. GraphDef fields: node 1, library 2,
+    versions 4, debug_info 5, written in field-number order as protobuf does.
+    """
+    node_def_type = _graph_pb2().GraphDef().node.add().__class__
+    for name, item in _ordered_items(graph):
+        if isinstance(item, Value) and item.origin is not None and not item.const_changed:
+            payload = item.origin.SerializeToString()
+        else:
+            node_def = node_def_type()
+            _fill_node_def(name, item, node_def)
+            payload = node_def.SerializeToString(deterministic=True)
+        yield _length_delimited(1, payload)
+        yield payload
+    for number, field in ((2, "library"), (4, "versions"), (5, "debug_info")):
+        message = graph.meta.get(field)
+        if message is not None:
+            payload = message.SerializeToString()
+            yield _length_delimited(number, payload)
+            yield payload
 
 
 def _write_const(name: str, value: Value, out) -> None:

@@ -39,7 +39,6 @@ class FuseResult:
     """Result of `fuse`: the fused model (a GraphDef, or a ModelProto for ONNX input), the report and the
     verification checks. `onnx_model` is the tf2onnx conversion when a TF model is written as ONNX."""
 
-    graph_def: object
     report: Report
     checks: list = field(default_factory=list)
     verified: bool | None = None
@@ -48,6 +47,17 @@ class FuseResult:
     nodes_after: int = 0
     failure: str | None = None
     onnx_model: object = None
+    # The fused IR graph; a TF GraphDef is built from it only when someone reads `graph_def`, because
+    # writing streams the GraphDef node by node without building it.
+    _graph: object = field(default=None, repr=False)
+    _model: object = field(default=None, repr=False)
+
+    @property
+    def graph_def(self):
+        """The fused model: a TF GraphDef or an ONNX ModelProto."""
+        if self._model is None:
+            self._model = _from_ir(self._graph)
+        return self._model
 
 
 def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list[str] | None = None,
@@ -179,23 +189,33 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
     problems = graph.validate()
     if problems:
         raise FusionIRError(f"internal error: the fused graph is inconsistent: {problems[0]}")
-    fused = _from_ir(graph)
-    result = FuseResult(fused, report, nodes_before=nodes_before, nodes_after=len(graph.nodes) + len(graph.constants))
+    result = FuseResult(report, nodes_before=nodes_before, nodes_after=len(graph.nodes) + len(graph.constants),
+                        _graph=graph)
 
     to_onnx = output is not None and model.format == "tf" and Path(output).suffix == ".onnx"
     if to_onnx:
         from converters.tf_to_onnx import graphdef_to_onnx
 
         step("converting to ONNX with tf2onnx")
-        result.onnx_model = graphdef_to_onnx(fused, [v for v, _, _ in input_specs], output_names)
+        result.onnx_model = graphdef_to_onnx(result.graph_def, [v for v, _, _ in input_specs], output_names)
     if verify:
         step("verifying")
         _verify(model, result, input_specs, output_names, input_shapes or {}, seed)
     if output is not None and (result.verified is not False or force):
         step(f"writing {output}")
         same_io = not inputs and not outputs
-        save(result.onnx_model if to_onnx else fused, output, [v for v, _, _ in input_specs], output_names,
-             model.input_keys if same_io else None, model.output_keys if same_io else None)
+        if to_onnx:
+            written = result.onnx_model
+        elif model.format == "tf" and result._model is None and Path(output).suffix == ".pb":
+            from converters.tf_graphdef import ir_to_graphdef_chunks
+
+            written = None
+            write_atomic(output, ir_to_graphdef_chunks(graph))
+        else:
+            written = result.graph_def
+        if written is not None:
+            save(written, output, [v for v, _, _ in input_specs], output_names,
+                 model.input_keys if same_io else None, model.output_keys if same_io else None)
         result.output = str(output)
     if result.verified is False:
         detail = result.failure or "; ".join(

@@ -53,8 +53,9 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path` and rename it over `path`.
+def write_atomic(path: str | os.PathLike, data) -> None:
+    """Write `data` (bytes, or an iterable of bytes pieces) to a temporary file beside `path` and
+    rename it over `path`.
 
     A failure leaves any existing file at `path` (including the input, when OUTPUT equals INPUT)
     as it was.
@@ -63,7 +64,11 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                handle.write(data)
+            else:
+                for piece in data:
+                    handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():

@@ -121,3 +121,34 @@ def test_roundtrip_keras_application():
     expected = run_graphdef(graph_def, feeds, outputs)
     actual = run_graphdef(written, feeds, outputs)
     assert np.array_equal(expected[0], actual[0])
+
+
+def test_streamed_graphdef_matches_serialized():
+    from converters.tf_graphdef import ir_to_graphdef_chunks
+    from passes.manager import run_pipeline
+
+    w, params = variable(3, 3, 4, 6), bn_params(6)
+    spec = tf.TensorSpec([None, 8, 8, 4], tf.float32, name="x")
+    model = freeze(lambda x: tf.nn.relu(fused_bn(tf.nn.conv2d(x, w, 1, "SAME"), params)), spec)
+    graph = graphdef_to_ir(model.graph_def)
+    unchanged = type(model.graph_def)()
+    unchanged.ParseFromString(b"".join(ir_to_graphdef_chunks(graph)))
+
+    run_pipeline(graph)
+
+    fused = type(model.graph_def)()
+    fused.ParseFromString(b"".join(ir_to_graphdef_chunks(graph)))
+    assert unchanged == model.graph_def
+    assert fused == ir_to_graphdef(graph)
+    assert "FusedBatchNormV3" not in {n.op for n in fused.node}
+
+
+def test_roundtrip_library_streamed():
+    from converters.tf_graphdef import ir_to_graphdef_chunks
+
+    graph_def, _ = graph_with_control_and_library()
+
+    streamed = type(graph_def)()
+    streamed.ParseFromString(b"".join(ir_to_graphdef_chunks(graphdef_to_ir(graph_def))))
+
+    assert streamed == graph_def
