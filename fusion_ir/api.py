@@ -206,7 +206,7 @@ def fuse(model: Model | str | os.PathLike, output: str | os.PathLike | None = No
         same_io = not inputs and not outputs
         if to_onnx:
             written = result.onnx_model
-        elif model.format == "tf" and result._model is None and Path(output).suffix == ".pb":
+        elif model.format == "tf" and Path(output).suffix == ".pb":
             from converters.tf_graphdef import ir_to_graphdef_chunks
 
             written = None
