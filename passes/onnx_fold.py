@@ -170,6 +170,8 @@ def _fold(ctx: PassContext, anchor: Node, prod: OnnxProducer, const_value) -> No
 def _bn(ctx: PassContext, bn: Node, rank, channel_axis: int, channels: int):
     if int(bn.attrs.get("training_mode", 0)):
         raise Skip(f"{bn.name} is in training mode (training_mode=1), so it normalizes with batch statistics")
+    if int(bn.attrs.get("spatial", 1)) == 0:
+        raise Skip(f"{bn.name} has spatial=0 (statistics per element, opset 7 and older), not per channel")
     for index, value in enumerate(bn.outputs[1:], start=1):
         if value.name and (value.num_uses or ctx.graph.is_output(value)):
             raise Skip(f"{bn.name} output {index} ({value.name}) is used, and it would disappear with the BN")
