@@ -52,6 +52,7 @@ class Value:
 
     @property
     def is_const(self) -> bool:
+        """True for a constant, whether or not its array has been decoded yet."""
         return self._const is not None or self._const_loader is not None
 
     @property
@@ -59,8 +60,12 @@ class Value:
         """The constant's array, decoded on first access; None when the value is not a constant."""
         if self._const is None and self._const_loader is not None:
             self._const = self._const_loader()
-            self._const_loader = None
         return self._const
+
+    def release(self) -> None:
+        """Drop the decoded array of an unchanged constant; the next access decodes it again."""
+        if self._const_loader is not None and not self.const_changed:
+            self._const = None
 
     @const.setter
     def const(self, array: np.ndarray) -> None:

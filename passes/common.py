@@ -201,8 +201,10 @@ def compute_fold(prod: Producer, weight: np.ndarray, scale: np.ndarray,
 def set_weight(ctx: PassContext, prod: Producer, new_weight: np.ndarray) -> None:
     """Point the producer's weight input at a new constant; the old one is never modified."""
     graph = ctx.graph
+    old = prod.op.inputs[prod.semantics.weight_input]
     value = graph.add_constant(graph.unique_name(f"{prod.op.name}/folded_weight"), new_weight)
     graph.set_input(prod.op, prod.semantics.weight_input, value)
+    ctx.resolver.forget(old)
 
 
 def bias_add_attrs(prod: Producer, dtype: np.dtype) -> dict:

@@ -248,8 +248,10 @@ def _current_bias(ctx: PassContext, prod: OnnxProducer, channels: int) -> np.nda
 def _rewrite(ctx: PassContext, anchor: Node, prod: OnnxProducer, new_weight, new_bias, needs_bias: bool) -> None:
     graph = ctx.graph
     op = prod.op
+    old_weight = op.inputs[prod.sem.weight_input]
     weight_value = graph.add_constant(graph.unique_name(f"{op.name}_folded_weight"), new_weight)
     graph.set_input(op, prod.sem.weight_input, weight_value)
+    ctx.resolver.forget(old_weight)
     last = prod.last
     if needs_bias:
         bias_value = graph.add_constant(graph.unique_name(f"{op.name}_folded_bias"), new_bias)

@@ -90,6 +90,19 @@ class ConstResolver:
         self._cache[id(value)] = array
         return array
 
+    def forget(self, value: Value) -> None:
+        """Drop cached arrays along a chain that lost its last use, so a folded weight's original
+        array can be freed before the round ends."""
+        while value is not None and value.num_uses == 0:
+            self._cache.pop(id(value), None)
+            if value.is_const:
+                value.release()
+                return
+            node = value.producer
+            if node is None or node.op not in _FORWARD or any(v.num_uses for v in node.outputs):
+                return
+            value = node.inputs[0]
+
     def try_resolve(self, value: Value) -> np.ndarray | None:
         try:
             return self.resolve(value)
