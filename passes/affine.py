@@ -18,7 +18,7 @@ import numpy as np
 from passes.common import (PassContext, Skip, check_producer, find_producer, fold_into_producer, per_channel_vector,
                            require_finite)
 from passes.resolve import NotConstant
-from passes.table import semantics
+from passes.table import CHANNELS_LAST, semantics
 
 AFFINE_OPS = ("Mul", "Add", "AddV2", "Sub", "BiasAdd")
 
@@ -90,6 +90,13 @@ def _fold(ctx: PassContext, node, prod, const_value, data_first: bool) -> None:
     rank = prod.semantics.output_rank
     if scalar and constant.ndim > rank:
         raise Skip(f"the constant of {node.name} has {constant.ndim} dimensions, more than the {rank}-D output")
+    if node.op == "BiasAdd":
+        # BiasAdd adds its vector along the axis its own data_format names, which may not be the
+        # producer's channel axis.
+        bias_axis = rank - 1 if CHANNELS_LAST.get(node.attrs.get("data_format", "NHWC"), True) else 1
+        if bias_axis != prod.channel_axis or constant.ndim != 1:
+            raise Skip(f"{node.name} adds its bias along output axis {bias_axis}, not the channel axis "
+                       f"{prod.channel_axis}")
     vector = per_channel_vector(constant, rank, prod.channel_axis, channels, f"the constant of {node.name}")
     require_finite("constant", vector, node.name)
     vector = np.asarray(vector, dtype=np.float64)

@@ -90,6 +90,15 @@ def require_finite(name: str, array: np.ndarray, owner: str) -> None:
         raise Skip(f"{owner} {name} contains NaN or infinite values")
 
 
+def require_normal_sum(variance: np.ndarray, epsilon: float, owner: str) -> None:
+    """Raise Skip when var + eps in float32 is subnormal: TensorFlow's CPU kernels flush it to zero,
+    so the unfused BN computes rsqrt(0) = inf where the folded scale would be finite."""
+    total = np.asarray(variance, dtype=np.float32) + np.float32(epsilon)
+    if (total < np.finfo(np.float32).tiny).any():
+        raise Skip(f"{owner} has variance + epsilon below float32's smallest normal number, which TensorFlow "
+                   f"flushes to zero")
+
+
 @dataclass
 class Producer:
     """The op a fold writes into, with the optional bias op between it and the folded node."""

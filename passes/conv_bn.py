@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from passes.common import (PassContext, Skip, check_producer, find_producer, fold_into_producer, require_finite,
-                           resolve)
+                           require_normal_sum, resolve)
 from passes.folding import bn_scale_shift
 from passes.table import CHANNELS_LAST
 
@@ -73,4 +73,5 @@ def check_bn(ctx: PassContext, bn, rank: int, channel_axis: int) -> tuple[np.nda
     epsilon = float(bn.attrs.get("epsilon", 1e-4))
     if not (np.asarray(variance, dtype=np.float64) + epsilon > 0).all():
         raise Skip(f"{bn.name} has variance + epsilon <= 0 for some channel")
+    require_normal_sum(variance, epsilon, bn.name)
     return bn_scale_shift(gamma, beta, mean, variance, epsilon)

@@ -60,9 +60,38 @@ def scale_weight(weight: np.ndarray, scale: np.ndarray, channel_axes: tuple[int,
     else:
         with np.errstate(over="ignore"):
             result = np.multiply(weight.astype(compute), factor).astype(weight.dtype)
-    if weight.dtype.itemsize <= 2 and not np.isfinite(result.astype(np.float32)).all():
-        raise FoldError(f"the folded weight overflows {weight.dtype}")
+    _check_underflow(weight, factor, result)
+    # |scale| <= 1 cannot overflow; otherwise check, and for float16/bfloat16 always (cheap at that size).
+    might_overflow = weight.dtype.itemsize <= 2 or float(np.max(np.abs(scale), initial=0.0)) > 1.0
+    if might_overflow and not np.isfinite(result.astype(np.float32, copy=False)).all():
+        if np.isfinite(weight.astype(np.float32, copy=False)).all():
+            raise FoldError(f"the folded weight overflows {weight.dtype}")
     return result.reshape(original_shape)
+
+
+def _check_underflow(weight: np.ndarray, factor: np.ndarray, result: np.ndarray) -> None:
+    """Raise FoldError when nonzero products fall below the dtype's smallest normal number.
+
+    Such products are subnormal or zero and lose the precision the unfused op keeps (it multiplies
+    after summing). Only a tiny scale can cause that, so the weight is scanned only then.
+    """
+    threshold = 2.0**-20 if weight.dtype.itemsize >= 4 else 2.0**-4
+    nonzero = np.abs(factor[factor != 0])
+    if nonzero.size == 0 or float(nonzero.min()) >= threshold:
+        return
+    tiny = float(_finfo(weight.dtype).tiny)
+    lost = (np.abs(result.astype(np.float32, copy=False)) < tiny) & (weight != 0) & (factor != 0)
+    if lost.any():
+        raise FoldError(f"the folded weight underflows {weight.dtype}: products below its smallest normal "
+                        f"number would lose precision")
+
+
+def _finfo(dtype: np.dtype):
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
 
 
 def fold_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from passes.common import (PassContext, Skip, check_producer, find_producer, fold_into_producer, per_channel_vector,
-                           require_finite, require_single_use)
+                           require_finite, require_normal_sum, require_single_use)
 from passes.resolve import NotConstant
 
 _FORWARD = ("Identity", "Cast", "Reshape", "Squeeze", "ExpandDims")
@@ -169,6 +169,7 @@ def _scale_shift(ctx: PassContext, found, owner: str) -> tuple[np.ndarray, np.nd
     epsilon = found["epsilon"]
     if not (variance + epsilon > 0).all():
         raise Skip(f"{owner} has variance + epsilon <= 0 for some channel")
+    require_normal_sum(variance, epsilon, owner)
     gamma = _vector(ctx, found["gamma"], "gamma", owner) if found["gamma"] is not None else 1.0
     mean = _vector(ctx, found["mean"], "mean", owner)
     beta = _vector(ctx, found["beta"], "beta", owner) if found["beta"] is not None else 0.0
