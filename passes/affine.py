@@ -97,7 +97,11 @@ def _fold(ctx: PassContext, node, prod, const_value, data_first: bool) -> None:
         if bias_axis != prod.channel_axis or constant.ndim != 1:
             raise Skip(f"{node.name} adds its bias along output axis {bias_axis}, not the channel axis "
                        f"{prod.channel_axis}")
-    vector = per_channel_vector(constant, rank, prod.channel_axis, channels, f"the constant of {node.name}")
+        if constant.size not in (1, channels):
+            raise Skip(f"the bias of {node.name} has {constant.size} values but the output has {channels} channels")
+        vector = np.broadcast_to(constant, (channels,))
+    else:
+        vector = per_channel_vector(constant, rank, prod.channel_axis, channels, f"the constant of {node.name}")
     require_finite("constant", vector, node.name)
     vector = np.asarray(vector, dtype=np.float64)
     ones = np.ones(channels)

@@ -18,6 +18,16 @@ from fusion_ir.numerics import run_graphdef  # noqa: E402
 
 RNG_SEED = 1234
 
+# Fuzz test profiles: "ci" is fixed-seed and small, "long" (pytest --hypothesis-profile=long) runs
+# thousands of examples. Neither keeps an example database, so a failure prints a @reproduce_failure
+# blob to replay it.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, database=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=3000, deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+
 
 def freeze(fn, *specs) -> fusion_ir.Model:
     """Trace `fn` as a tf.function and freeze its captured variables into constants."""

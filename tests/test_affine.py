@@ -232,3 +232,24 @@ def test_low_precision_scalar_mul_folds(dtype):
     assert "Mul" not in op_counts(result.graph_def)
     folded = next(n for n in result.graph_def.node if n.name.endswith("folded_weight"))
     assert folded.attr["dtype"].type == tf_dtype.as_datatype_enum
+
+
+def test_nchw_biasadd_after_bias_folds():
+    w, b, c = variable(3, 3, 4, 6), variable(6), variable(6)
+    spec = tf.TensorSpec([2, 4, 7, 7], tf.float32, name="x")
+    model = freeze(lambda x: tf.nn.bias_add(tf.nn.bias_add(conv(x, w, "NCHW"), b, "NCHW"), c, "NCHW"), spec)
+
+    result = fuse_and_compare(model, {"x:0": (2, 4, 7, 7)})
+
+    assert op_counts(result.graph_def)["BiasAdd"] == 1
+    assert result.report.num_fused == 1
+
+
+def test_biasadd_on_other_axis_skipped():
+    w, b, c = variable(3, 3, 4, 6), variable(6), variable(7)
+    model = freeze(lambda x: tf.nn.bias_add(tf.nn.bias_add(conv(x, w), b), c, "NCHW"), X4)
+
+    result = fuse_and_compare(model, SHAPE4)
+
+    assert op_counts(result.graph_def)["BiasAdd"] == 2
+    assert "along output axis 1, not the channel axis 3" in list(reasons(result).values())[0]

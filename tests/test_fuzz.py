@@ -45,16 +45,8 @@ from conftest import freeze, tf
 import fusion_ir
 from fusion_ir.numerics import BackendUnavailable, run_graphdef, run_onnx
 
-# Neither profile keeps an example database, so a failure prints a @reproduce_failure blob to replay it.
-# Hypothesis 6.155 still writes a .hypothesis cache folder, which contains its own .gitignore.
-settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, database=None,
-                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=3000, deadline=None, database=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-# NOTE: hypothesis's pytest plugin applies --hypothesis-profile in pytest_configure, before this module is
-# imported, and fails there on a profile it does not know (hypothesis 6.155). So `pytest
-# --hypothesis-profile=long` works only once tests/conftest.py or a plugin registers the two profiles
-# above, and a profile chosen that way is kept here. Until then, HYPOTHESIS_PROFILE=long selects it.
+# The "ci" and "long" profiles are registered in conftest.py, which pytest loads before hypothesis's
+# plugin reads --hypothesis-profile. Without that option the fixed-seed "ci" profile applies.
 if settings.get_current_profile_name() == "default":
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
