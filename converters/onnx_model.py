@@ -915,11 +915,22 @@ def load_onnx(path: str | os.PathLike) -> ModelProto:
         data = path.read_bytes()
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err.strerror})") from None
-    model = _parse_model(data)
-    del data
+    model = parse_onnx(data, path)
     if model is None:
         raise InputError(f"{path}: not an ONNX model (no ModelProto with an ir_version and a graph)")
+    return model
 
+
+def parse_onnx(data: bytes, path: str | os.PathLike) -> ModelProto | None:
+    """Parse `data`, read from `path`, as an ONNX model and load its external data from path's folder.
+
+    Returns None when `data` is not an ONNX model, so a caller that already read the file parses it
+    only once. Raises InputError when an external data file is missing or invalid.
+    """
+    model = _parse_model(data)
+    if model is None:
+        return None
+    path = Path(path)
     base_dir = path.parent
     external = [tensor for tensor in _all_tensors(model) if tensor.data_location == TensorProto.EXTERNAL]
     for tensor in external:

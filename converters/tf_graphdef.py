@@ -1,6 +1,6 @@
 """Frozen TensorFlow GraphDef <-> IR.
 
-Const nodes become constant values whose arrays are decoded only when a pass asks for them; an
+Const nodes become constant values whose arrays are decoded only when a pass reads them; an
 unchanged constant is written back from its original NodeDef, so weights that no fold touched are
 never decoded or re-encoded. Every other node keeps its name, op, device, control inputs and
 attributes. Attributes the IR does not map (shapes, tensors, functions) are kept opaque.

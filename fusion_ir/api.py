@@ -73,10 +73,11 @@ def load(path: str | os.PathLike, inputs: list[str] | None = None, outputs: list
         return Model(frozen.graph_def, inputs or frozen.inputs, outputs or frozen.outputs, str(path),
                      frozen.input_keys, frozen.output_keys)
     data = read_bytes(path)
-    from converters.onnx_model import load_onnx, looks_like_onnx
+    from converters.onnx_model import parse_onnx
 
-    if looks_like_onnx(data):
-        return Model(load_onnx(path), inputs, outputs, str(path))
+    onnx_model = parse_onnx(data, path)
+    if onnx_model is not None:
+        return Model(onnx_model, inputs, outputs, str(path))
     if Path(path).suffix == ".onnx":
         raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt); export it again")
     if data.startswith((b"PK\x03\x04", b"\x89HDF\r\n\x1a\n")):

@@ -1,6 +1,6 @@
 """A small graph IR shared by the TensorFlow and ONNX converters and the fusion passes.
 
-Values carry the use-def links: a value knows its producer (node and output index) and its uses
+Values carry the use-def links: a value records its producer (node and output index) and its uses
 (node and input index). Constants live on values, not on nodes. Every change to an edge goes
 through `Graph.set_input` (or the helpers built on it) so both ends of a link stay in sync.
 """

@@ -37,7 +37,7 @@ def import_tensorflow():
         os.close(saved)
         os.close(devnull)
     _tf = tensorflow
-    # TensorFlow leaves millions of long-lived objects; moving them out of the collector's reach keeps
-    # a full collection during a fuse at about 0.1 s instead of 0.5-0.8 s (measured on ResNet152V2).
+    # TensorFlow leaves millions of long-lived objects. Moving them out of the collector's reach kept a
+    # full collection during a ResNet152V2 fuse at about 0.1 s instead of 0.5-0.8 s (benchmarks/run.py).
     gc.freeze()
     return _tf

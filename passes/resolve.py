@@ -1,4 +1,4 @@
-"""Lazy constant resolution: compute a value in numpy only when a fold asks for it.
+"""Lazy constant resolution: compute a value in numpy only when a fold requests it.
 
 TF2-frozen graphs read every weight through Identity (the former ReadVariableOp), and Keras 3 adds
 Reshape and Squeeze chains between a variable and its use. `ConstResolver.resolve` walks back through
